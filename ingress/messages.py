@@ -105,8 +105,11 @@ class ErrorBody(msgspec.Struct, frozen=True):
     error: str
 
 
-def parse_address(address: str) -> tuple[str, int]:
-    """Split "host:port" or "[v6]:port" into (host, port); ValueError if malformed."""
+def parse_address(address: str, *, allow_port_zero: bool = False) -> tuple[str, int]:
+    """Split "host:port" or "[v6]:port" into (host, port); ValueError if malformed.
+
+    Port 0 ("any free port") is only meaningful for a listener, so it is opt-in.
+    """
     host, sep, port_text = address.rpartition(":")
     if not sep or not host or not port_text.isdigit():
         raise ValueError(f"address must be host:port, got {address!r}")
@@ -115,6 +118,6 @@ def parse_address(address: str) -> tuple[str, int]:
             raise ValueError(f"unbalanced brackets in address {address!r}")
         host = host[1:-1]
     port = int(port_text)
-    if not 0 < port < 65536:
+    if not (0 if allow_port_zero else 1) <= port < 65536:
         raise ValueError(f"port out of range in address {address!r}")
     return host, port

@@ -1,0 +1,1 @@
+"""tidegate: the command line that ties the ingress and the scaler together."""

@@ -1,0 +1,61 @@
+"""The ingress's Prometheus metrics, collected at scrape time.
+
+Nothing from prometheus-client runs per request: the proxy bumps plain integers on each
+:class:`~ingress.router.Service` and this collector turns them into samples when Prometheus
+scrapes. Names follow the contract (section 5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ingress.router import Router
+
+_CLASSES = ("", "1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+class IngressCollector(Collector):
+    def __init__(self, router: Router) -> None:
+        self._router = router
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "tidegate_requests",
+            "Requests answered, by service and status class.",
+            labels=["service", "code_class"],
+        )
+        inflight = GaugeMetricFamily(
+            "tidegate_inflight_requests",
+            "Requests in flight on each instance (WebSocket tunnels included).",
+            labels=["service", "instance"],
+        )
+        queued = GaugeMetricFamily(
+            "tidegate_queued_requests",
+            "Requests held while no instance can take them.",
+            labels=["service"],
+        )
+        errors = CounterMetricFamily(
+            "tidegate_upstream_errors",
+            "Failures talking to instances, by kind (connect, reset, timeout, bad_response).",
+            labels=["service", "kind"],
+        )
+        for service in self._router.all_services():
+            name = service.name
+            for index in range(1, 6):
+                requests.add_metric([name, _CLASSES[index]], service.codes[index])
+            for instance in service.balancer.instances():
+                inflight.add_metric([name, instance.id], instance.inflight)
+            queued.add_metric([name], service.balancer.queued)
+            for kind, count in service.errors.items():
+                errors.add_metric([name, kind], count)
+        unrouted = self._router.unrouted
+        for index in range(1, 6):
+            if unrouted[index]:
+                requests.add_metric(["", _CLASSES[index]], unrouted[index])
+        yield requests
+        yield inflight
+        yield queued
+        yield errors

@@ -1,0 +1,801 @@
+"""One client connection of the ingress: read requests, route, hold or send, stream both ways.
+
+A :class:`ClientConnection` is an ``asyncio.Protocol``; the HTTP work is done by the sans-IO
+pieces it wires together: the :class:`~ingress.h1.request.RequestReader` calls it back with
+request heads and body bytes, :mod:`ingress.h1.forward` builds the heads it sends, the
+service's :class:`~ingress.balancer.ServiceBalancer` gives it a slot on an instance (or holds
+it), and an :class:`~ingress.upstream.UpstreamConnection` calls it back with the response.
+
+Rules this module keeps:
+
+- **Exact accounting.** A slot taken on an instance (``acquire`` or a ``grant`` from the hold
+  queue) is released exactly once, by :meth:`ClientConnection._release_slot`, on every path:
+  response end, error, timeout, client gone. There is no ``await`` between taking a slot and
+  handing it to an upstream connection, except the connect itself, whose task checks that its
+  exchange is still current before using the connection.
+- **One request at a time per connection.** Pipelined requests that arrive while one is in
+  progress are kept as parsed events and reading is paused until the response is done, so
+  responses go out in order and memory stays bounded by one read.
+- **Back-pressure both ways.** The upstream's write buffer pauses reading from the client and
+  the client's pauses reading from the upstream (asyncio's high-water marks, 64 KiB).
+- **Cheap timers.** One deadline per connection (head, keep-alive idle or whole request) kept
+  in the shared :class:`~ingress.timers.TimerWheel`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import TYPE_CHECKING, Any, cast
+
+from ingress.h1.forward import (
+    BODY_CHUNKED,
+    BODY_CLOSE,
+    BODY_NONE,
+    LAST_CHUNK,
+    chunk,
+    client_response,
+    error_response,
+    new_request_id,
+    upstream_request,
+)
+from ingress.h1.request import RequestError, RequestHead, RequestReader
+
+if TYPE_CHECKING:
+    from ingress.balancer import HeldRequest, Instance
+    from ingress.h1.response import ResponseHead
+    from ingress.router import Router, Service
+    from ingress.timers import TimerWheel
+    from ingress.upstream import UpstreamConnection, UpstreamPool
+
+# Why reading from the client is paused; reading resumes when no reason is left.
+_PAUSE_PIPELINE = 1  # a pipelined request waits for the current response
+_PAUSE_BODY = 2  # body bytes buffered while no upstream connection is ready
+_PAUSE_UPSTREAM = 4  # the upstream's write buffer is full
+_PAUSE_UPGRADE = 8  # an upgrade request waits for the instance's answer
+
+# What the connection's single deadline means right now.
+_DL_NONE = 0
+_DL_IDLE = 1  # keep-alive: waiting for the next request
+_DL_HEAD = 2  # part of a request head arrived (slowloris guard)
+_DL_REQUEST = 3  # a request is in progress: request_timeout
+
+# Body bytes buffered before an upstream connection is ready (then reading pauses).
+_BODY_BUFFER_LIMIT = 65536
+
+# RFC 9110 §9.2.2: these may be retried when nothing came back.
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class ProxyContext:
+    """What every client connection of one ingress shares."""
+
+    __slots__ = (
+        "all_closed",
+        "connections",
+        "draining",
+        "head_timeout",
+        "keepalive_timeout",
+        "loop",
+        "max_head_bytes",
+        "router",
+        "wheel",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        router: Router,
+        wheel: TimerWheel,
+        *,
+        keepalive_timeout: float,
+        head_timeout: float,
+        max_head_bytes: int,
+    ) -> None:
+        self.loop = loop
+        self.router = router
+        self.wheel = wheel
+        self.keepalive_timeout = keepalive_timeout
+        self.head_timeout = head_timeout
+        self.max_head_bytes = max_head_bytes
+        self.draining = False
+        self.connections: set[ClientConnection] = set()
+        self.all_closed: asyncio.Event | None = None  # set by the last connection to close
+
+    def forget(self, conn: ClientConnection) -> None:
+        self.connections.discard(conn)
+        if not self.connections and self.all_closed is not None:
+            self.all_closed.set()
+
+
+class ClientConnection(asyncio.Protocol):
+    __slots__ = (
+        "_body",
+        "_body_buffered",
+        "_body_size",
+        "_client_eof",
+        "_client_ip",
+        "_closed",
+        "_ctx",
+        "_deadline_kind",
+        "_head",
+        "_held",
+        "_instance",
+        "_keep_alive",
+        "_pause_mask",
+        "_pending",
+        "_reader",
+        "_replaying",
+        "_request_done",
+        "_request_id",
+        "_resp_mode",
+        "_response_started",
+        "_resume_reader",
+        "_retried",
+        "_scheme",
+        "_sent_continue",
+        "_seq",
+        "_service",
+        "_status",
+        "_t0",
+        "_transport",
+        "_tunnel",
+        "_tunnel_leftover",
+        "_up_head",
+        "_up_reusable",
+        "_upstream",
+        "_wbuf",
+        "_write_paused",
+        "wheel_slot",
+    )
+
+    def __init__(self, ctx: ProxyContext, scheme: bytes) -> None:
+        self._ctx = ctx
+        self._scheme = scheme
+        self._transport: asyncio.Transport | None = None
+        self._reader = RequestReader(self, max_head_bytes=ctx.max_head_bytes)
+        self._client_ip = b""
+        self._closed = False
+        self._client_eof = False
+        self._pause_mask = 0
+        self._write_paused = False
+        self._wbuf: list[bytes] = []
+        self._pending: collections.deque[tuple[int, Any]] | None = None
+        self._replaying = False
+        self._seq = 0
+        self.wheel_slot = -1
+        self._deadline_kind = _DL_NONE
+        self._reset_exchange()
+
+    def _reset_exchange(self) -> None:
+        self._head: RequestHead | None = None
+        self._service: Service | None = None
+        self._instance: Instance | None = None
+        self._held: HeldRequest | None = None
+        self._upstream: UpstreamConnection | None = None
+        self._up_head = b""
+        self._up_reusable = False
+        self._request_id = b""
+        self._body: list[bytes] | None = None
+        self._body_buffered = 0
+        self._body_size = 0
+        self._request_done = False
+        self._response_started = False
+        self._resp_mode = BODY_NONE
+        self._status = 0
+        self._keep_alive = False
+        self._retried = False
+        self._sent_continue = False
+        self._tunnel = False
+        self._tunnel_leftover = b""
+        self._resume_reader = False
+        self._t0 = 0.0
+
+    # -- asyncio.Protocol: the client side -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only alike
+        self._transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self._client_ip = str(peer[0]).encode()
+        self._ctx.connections.add(self)
+        if self._ctx.draining:
+            transport.close()
+            return
+        self._set_deadline(_DL_IDLE, self._ctx.keepalive_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self._tunnel:
+            upstream = self._upstream
+            if upstream is not None and upstream.transport is not None:
+                upstream.transport.write(data)
+            return
+        try:
+            leftover = self._reader.feed(data)
+        except RequestError as exc:
+            self._reject(exc.status, exc.reason)
+            return
+        if leftover is not None:
+            # An upgrade request ended: what follows is tunnel data, if the instance agrees.
+            self._tunnel_leftover = leftover
+            self._pause(_PAUSE_UPGRADE)
+        elif self._head is None and self._deadline_kind != _DL_HEAD and self._reader.in_message:
+            self._set_deadline(_DL_HEAD, self._ctx.head_timeout)
+        self.flush()
+
+    def eof_received(self) -> bool | None:
+        self._client_eof = True
+        if self._tunnel:
+            upstream = self._upstream
+            if upstream is not None and upstream.transport is not None:
+                if upstream.transport.can_write_eof():
+                    upstream.transport.write_eof()
+                return True
+            return False
+        # A client may half-close after sending its whole request: answer, then close.
+        return bool(self._head is not None and self._request_done)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._wbuf.clear()
+        self._ctx.wheel.cancel(self)
+        self._ctx.forget(self)
+        held = self._held
+        if held is not None and self._service is not None:
+            self._held = None
+            self._service.balancer.cancel(held)
+        upstream = self._upstream
+        if upstream is not None:
+            self._upstream = None
+            # Nobody will read the answer: stop the instance's work on it.
+            upstream.abort()
+        self._release_slot()
+        self._head = None
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        upstream = self._upstream
+        if upstream is not None and upstream.transport is not None:
+            upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        upstream = self._upstream
+        if upstream is not None and upstream.transport is not None:
+            upstream.transport.resume_reading()
+
+    # -- RequestSink -----------------------------------------------------------------------
+
+    def on_request_head(self, head: RequestHead) -> None:
+        if self._head is not None or self._pending:
+            self._defer(0, head)
+            return
+        self._begin(head)
+
+    def on_request_body(self, data: bytes) -> None:
+        if self._pending:
+            self._defer(1, data)
+            return
+        self._body_received(data)
+
+    def on_request_end(self) -> None:
+        if self._pending:
+            self._defer(2, None)
+            return
+        self._request_end()
+
+    # -- a request -------------------------------------------------------------------------
+
+    def _begin(self, head: RequestHead) -> None:
+        ctx = self._ctx
+        self._seq += 1
+        self._head = head
+        self._t0 = now = ctx.loop.time()
+        service = ctx.router.route(head.host)
+        if service is None:
+            self._respond_error(404, "no service for this host")
+            return
+        self._service = service
+        self._set_deadline(_DL_REQUEST, service.request_timeout)
+        limit = service.max_body
+        if limit is not None and head.content_length is not None and head.content_length > limit:
+            self._respond_error(413, f"request body over {limit} bytes")
+            return
+        self._up_head, self._request_id, _trace = upstream_request(
+            head,
+            client_ip=self._client_ip,
+            scheme=self._scheme,
+            tunnel=head.upgrade is not None,
+        )
+        instance = service.balancer.acquire()
+        if instance is not None:
+            self._dispatch(instance)
+            return
+        held = service.hold(self, now)
+        if held is None:
+            self._respond_error(503, "queue full", retry_after=service.retry_after)
+        elif self._instance is None:  # hold() may have granted a slot at once
+            self._held = held
+
+    def grant(self, instance: Instance) -> None:
+        """The hold queue gave this request a slot on `instance` (Waiter protocol)."""
+        self._held = None
+        if self._closed or self._service is None:
+            # cannot happen while the queue cancels on connection_lost, but never leak a slot
+            if self._service is not None:
+                self._service.balancer.release(instance)
+            return
+        self._dispatch(instance)
+
+    def queue_expired(self) -> None:
+        """Held past queue.timeout, or the service went away."""
+        self._held = None
+        service = self._service
+        retry_after = service.retry_after if service is not None else 1
+        self._respond_error(503, "no instance could take the request in time", retry_after)
+        self.flush()
+
+    def _dispatch(self, instance: Instance) -> None:
+        service = self._service
+        assert service is not None
+        self._instance = instance
+        pool = service.pool_for(instance)
+        conn = pool.take()
+        if conn is not None:
+            self._attach(conn)
+        else:
+            self._ctx.loop.create_task(self._connect(pool, instance, self._seq))
+
+    async def _connect(self, pool: UpstreamPool, instance: Instance, seq: int) -> None:
+        service = self._service
+        assert service is not None
+        try:
+            async with asyncio.timeout(service.connect_timeout):
+                _, conn = await self._ctx.loop.create_connection(pool.new, *pool.address)
+        except (OSError, TimeoutError) as exc:
+            if self._seq == seq and self._instance is instance:
+                self._upstream_failed_early("connect", str(exc) or "connect timed out")
+                self.flush()
+            return
+        if self._seq != seq or self._instance is not instance or self._closed:
+            conn.release(True, self._ctx.loop.time())  # someone else may use it
+            return
+        self._attach(conn)
+        self.flush()
+
+    def _attach(self, conn: UpstreamConnection) -> None:
+        head = self._head
+        assert head is not None
+        self._upstream = conn
+        body = self._body
+        if body:
+            self._body = None
+            data = b"".join([self._up_head, *body])
+            self._body_buffered = 0
+        else:
+            data = self._up_head
+        conn.send(self, data, head_request=head.method == b"HEAD")
+        if self._pause_mask & _PAUSE_BODY:
+            self._resume(_PAUSE_BODY)
+        if self._write_paused and conn.transport is not None:
+            conn.transport.pause_reading()
+        if head.expect_continue and not self._request_done and not self._body_size:
+            # We answer 100-continue ourselves once an instance has the request, so a held
+            # request's client waits for us instead of sending a body that may not be wanted.
+            self._sent_continue = True
+            self._wbuf.append(_CONTINUE)
+
+    def _body_received(self, data: bytes) -> None:
+        head = self._head
+        if head is None:
+            return  # the exchange ended early (error response); the connection is closing
+        self._body_size += len(data)
+        service = self._service
+        if service is None:
+            return  # an error response was made; the connection closes after it
+        limit = service.max_body
+        if limit is not None and self._body_size > limit:
+            if not self._response_started:
+                self._abort_upstream()
+                self._respond_error(413, f"request body over {limit} bytes")
+            else:
+                self._close()
+            return
+        if head.chunked:
+            data = chunk(data)
+        conn = self._upstream
+        if conn is not None:
+            assert conn.transport is not None
+            conn.transport.write(data)
+            return
+        if self._held is None and self._instance is None:
+            return  # the request was answered already (error): drop the rest
+        body = self._body
+        if body is None:
+            body = self._body = []
+        body.append(data)
+        self._body_buffered += len(data)
+        if self._body_buffered > _BODY_BUFFER_LIMIT:
+            self._pause(_PAUSE_BODY)
+
+    def _request_end(self) -> None:
+        head = self._head
+        if head is None:
+            return
+        self._request_done = True
+        if not head.chunked or self._service is None:
+            return
+        conn = self._upstream
+        if conn is not None and conn.transport is not None:
+            conn.transport.write(LAST_CHUNK)
+        elif self._held is not None or self._instance is not None:
+            if self._body is None:
+                self._body = []
+            self._body.append(LAST_CHUNK)
+
+    # -- UpstreamOwner: the instance's response --------------------------------------------
+
+    def on_upstream_head(self, head: ResponseHead) -> None:
+        request = self._head
+        assert request is not None
+        status = head.status
+        if status < 200:
+            if status == 101:
+                if request.upgrade is None:
+                    self._upstream_failed_early("bad_response", "101 without an upgrade request")
+                    return
+                data, _mode = client_response(
+                    head,
+                    request_id=self._request_id,
+                    client_minor=request.http_minor,
+                    keep_alive=True,
+                    head_request=False,
+                    tunnel=True,
+                )
+                self._response_started = True
+                self._status = 101
+                self._wbuf.append(data)
+            elif request.http_minor == 1 and not (status == 100 and self._sent_continue):
+                data, _mode = client_response(
+                    head,
+                    request_id=self._request_id,
+                    client_minor=1,
+                    keep_alive=True,
+                    head_request=False,
+                )
+                self._wbuf.append(data)
+            return
+        if request.upgrade is not None:
+            # declined: go on parsing what followed the upgrade request after this response
+            self._resume_reader = True
+        self._response_started = True
+        self._status = status
+        self._up_reusable = head.keep_alive
+        keep_alive = (
+            request.keep_alive
+            and self._request_done
+            and not self._client_eof
+            and not self._ctx.draining
+        )
+        data, mode = client_response(
+            head,
+            request_id=self._request_id,
+            client_minor=request.http_minor,
+            keep_alive=keep_alive,
+            head_request=request.method == b"HEAD",
+        )
+        self._keep_alive = keep_alive and mode != BODY_CLOSE
+        self._resp_mode = mode
+        self._wbuf.append(data)
+
+    def on_upstream_body(self, data: bytes) -> None:
+        mode = self._resp_mode
+        if mode == BODY_CHUNKED:
+            if data:
+                self._wbuf.append(chunk(data))
+        elif mode != BODY_NONE:
+            self._wbuf.append(data)
+
+    def on_upstream_end(self) -> None:
+        if self._tunnel or self._status == 101:
+            return  # a 101's "end" is the start of the tunnel
+        if self._resp_mode == BODY_CHUNKED:
+            self._wbuf.append(LAST_CHUNK)
+        conn = self._upstream
+        self._upstream = None
+        if conn is not None:
+            conn.release(self._up_reusable and self._request_done, self._ctx.loop.time())
+        self._release_slot()
+        self._finish()
+
+    def on_upstream_upgraded(self, leftover: bytes) -> None:
+        self._tunnel = True
+        if leftover:
+            self._wbuf.append(leftover)
+        conn = self._upstream
+        if self._tunnel_leftover and conn is not None and conn.transport is not None:
+            conn.transport.write(self._tunnel_leftover)
+        self._tunnel_leftover = b""
+        # A tunnel lives as long as both ends want it; it stays counted as in flight.
+        self._ctx.wheel.cancel(self)
+        self._deadline_kind = _DL_NONE
+        self._resume(_PAUSE_UPGRADE)
+
+    def on_tunnel_data(self, data: bytes) -> None:
+        if not self._closed and self._transport is not None:
+            self._transport.write(data)
+
+    def on_upstream_failed(self, conn: UpstreamConnection, kind: str, reason: str) -> None:
+        if conn is not self._upstream:
+            return
+        self._upstream = None
+        conn.abort()
+        if self._tunnel or self._response_started:
+            # Part of the response is out: the client can only learn of the failure by the
+            # connection closing before the response's framing says it is complete.
+            self._count_error(kind)
+            self._release_slot()
+            self.flush()
+            self._close()
+            return
+        if (
+            kind == "reset"
+            and not conn.received
+            and not self._retried
+            and self._head is not None
+            and self._head.method in _IDEMPOTENT
+            and not self._head.chunked
+            and not self._head.content_length
+        ):
+            # A kept-alive connection the instance had just closed, or an instance gone
+            # between its last request and this one: nothing was processed, try once more.
+            self._retry()
+            return
+        self._upstream_failed_early(kind, reason)
+
+    def flush(self) -> None:
+        buf = self._wbuf
+        if not buf:
+            return
+        transport = self._transport
+        if self._closed or transport is None:
+            buf.clear()
+            return
+        if len(buf) == 1:
+            transport.write(buf[0])
+        else:
+            transport.writelines(buf)
+        buf.clear()
+
+    def pause_client_reading(self) -> None:
+        self._pause(_PAUSE_UPSTREAM)
+
+    def resume_client_reading(self) -> None:
+        self._resume(_PAUSE_UPSTREAM)
+
+    # -- errors, retries, timeouts ---------------------------------------------------------
+
+    def _upstream_failed_early(self, kind: str, reason: str) -> None:
+        """The instance failed before any response byte reached the client."""
+        if kind == "connect" and not self._retried:
+            self._retry()  # nothing was sent: any request may go elsewhere
+            return
+        self._count_error(kind)
+        self._release_slot()
+        status = 504 if kind == "timeout" else 502
+        self._respond_error(status, f"instance {kind}: {reason}")
+
+    def _retry(self) -> None:
+        """Once per request: give the request to another instance if there is one."""
+        self._retried = True
+        service = self._service
+        failed = self._instance
+        assert service is not None and failed is not None
+        self._instance = None
+        balancer = service.balancer
+        # acquire while the failed one still counts this request, so an equal peer wins
+        other = balancer.acquire()
+        if other is not None:
+            balancer.release(failed)
+            self._dispatch(other)
+            return
+        held = service.hold(self, self._ctx.loop.time())
+        balancer.release(failed)  # may grant the slot straight back to us
+        if held is None:
+            self._respond_error(503, "queue full", retry_after=service.retry_after)
+        elif self._instance is None:
+            self._held = held
+
+    def _count_error(self, kind: str) -> None:
+        service = self._service
+        if service is not None:
+            errors = service.errors
+            errors[kind] = errors.get(kind, 0) + 1
+
+    def on_deadline(self, now: float) -> None:
+        kind = self._deadline_kind
+        self._deadline_kind = _DL_NONE
+        if kind == _DL_IDLE:
+            self._close()
+        elif kind == _DL_HEAD:
+            self._reject(408, "request head not received in time")
+        elif kind == _DL_REQUEST:
+            if self._response_started or self._tunnel:
+                self._count_error("timeout")
+                self._abort_upstream()
+                self._release_slot()
+                self._close()
+            else:
+                self._abort_upstream()
+                self._upstream_failed_early("timeout", "no response within request_timeout")
+                self.flush()
+
+    def _reject(self, status: int, reason: str) -> None:
+        """Malformed input from the client: answer if we still can, then close."""
+        if self._head is not None and self._response_started:
+            self._abort_upstream()
+            self._release_slot()
+            self._close()
+            return
+        self._abort_upstream()
+        self._release_slot()
+        self._cancel_held()
+        request_id = self._request_id or new_request_id()
+        self._wbuf.append(error_response(status, request_id, reason, close=True))
+        self._keep_alive = False
+        self._status = status
+        self.flush()
+        self._close()
+
+    def _respond_error(self, status: int, message: str, retry_after: int | None = None) -> None:
+        """A response the ingress makes itself; ends the exchange."""
+        head = self._head
+        assert head is not None
+        self._cancel_held()
+        self._abort_upstream()
+        self._release_slot()
+        # keep the connection only if the request was read to its end (else its body would
+        # be taken for the next request)
+        keep_alive = (
+            head.keep_alive
+            and head.http_minor == 1  # our error heads do not say keep-alive to 1.0 clients
+            and (self._request_done or (not head.chunked and not head.content_length))
+            and not self._client_eof
+            and not self._ctx.draining
+        )
+        self._keep_alive = keep_alive
+        self._status = status
+        self._response_started = True
+        self._wbuf.append(
+            error_response(
+                status,
+                self._request_id or new_request_id(),
+                message,
+                close=not keep_alive,
+                retry_after=retry_after,
+                head_request=head.method == b"HEAD",
+            )
+        )
+        if keep_alive:
+            # no body to wait for: the request is complete as far as framing goes
+            self._request_done = True
+        self._finish()
+
+    def _cancel_held(self) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            if self._service is not None:
+                self._service.balancer.cancel(held)
+
+    def _abort_upstream(self) -> None:
+        conn = self._upstream
+        if conn is not None:
+            self._upstream = None
+            conn.abort()
+
+    def _release_slot(self) -> None:
+        instance = self._instance
+        if instance is not None:
+            self._instance = None
+            assert self._service is not None
+            self._service.balancer.release(instance)
+
+    # -- end of an exchange ----------------------------------------------------------------
+
+    def _finish(self) -> None:
+        service = self._service
+        if service is not None:
+            service.codes[self._status // 100] += 1
+        elif self._status:
+            self._ctx.router.unrouted[self._status // 100] += 1
+        self.flush()
+        keep_alive = self._keep_alive and not self._ctx.draining and not self._client_eof
+        resume_reader = self._resume_reader
+        if not self._request_done:
+            keep_alive = False
+        self._reset_exchange()
+        if not keep_alive:
+            self._close()
+            return
+        self._set_deadline(_DL_IDLE, self._ctx.keepalive_timeout)
+        if resume_reader:
+            self._resume(_PAUSE_UPGRADE)
+            try:
+                self._reader.resume()
+            except RequestError as exc:
+                self._reject(exc.status, exc.reason)
+                return
+        if self._pending:
+            self._replay()
+        elif self._pause_mask & _PAUSE_PIPELINE:
+            self._resume(_PAUSE_PIPELINE)
+
+    def _defer(self, kind: int, payload: Any) -> None:
+        pending = self._pending
+        if pending is None:
+            pending = self._pending = collections.deque()
+        pending.append((kind, payload))
+        self._pause(_PAUSE_PIPELINE)
+
+    def _replay(self) -> None:
+        if self._replaying:
+            return  # the outer loop goes on
+        pending = self._pending
+        assert pending is not None
+        self._replaying = True
+        try:
+            while pending and not self._closed:
+                kind, payload = pending[0]
+                if kind == 0 and self._head is not None:
+                    return  # the next request waits for this one's response
+                pending.popleft()
+                if kind == 0:
+                    self._begin(payload)
+                elif kind == 1:
+                    self._body_received(payload)
+                else:
+                    self._request_end()
+        finally:
+            self._replaying = False
+        if not pending and self._pause_mask & _PAUSE_PIPELINE:
+            self._resume(_PAUSE_PIPELINE)
+
+    def _close(self) -> None:
+        if not self._closed and self._transport is not None:
+            self.flush()
+            self._transport.close()
+
+    def abort(self) -> None:
+        if self._transport is not None and not self._closed:
+            self._transport.abort()
+
+    def close_if_idle(self) -> bool:
+        """Used when the ingress drains: close now if no request is in progress."""
+        if self._head is None and not self._reader.in_message:
+            self._close()
+            return True
+        return False
+
+    # -- flow control and the deadline -----------------------------------------------------
+
+    def _pause(self, reason: int) -> None:
+        if not self._pause_mask and self._transport is not None and not self._closed:
+            self._transport.pause_reading()
+        self._pause_mask |= reason
+
+    def _resume(self, reason: int) -> None:
+        mask = self._pause_mask
+        if not mask & reason:
+            return
+        self._pause_mask = mask = mask & ~reason
+        if not mask and self._transport is not None and not self._closed:
+            self._transport.resume_reading()
+
+    def _set_deadline(self, kind: int, timeout: float) -> None:
+        self._deadline_kind = kind
+        ctx = self._ctx
+        ctx.wheel.schedule(self, ctx.loop.time() + timeout)

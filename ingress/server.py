@@ -1,0 +1,244 @@
+"""The ingress daemon: listeners, the control API, the metrics listener, and shutdown.
+
+:class:`Ingress` wires the pieces together and owns their lifecycle. Shutdown (SIGTERM or
+SIGINT) follows what systemd and load balancers expect: stop accepting, close idle keep-alive
+connections, let in-flight requests finish (their responses say ``Connection: close``) within
+``drain_timeout``, then close what is left and exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import ssl
+from pathlib import Path
+
+import msgspec
+from prometheus_client import CollectorRegistry
+
+from ingress.admin import AdminServer
+from ingress.control import ControlServer
+from ingress.messages import ServiceRouting, parse_address
+from ingress.metrics import IngressCollector
+from ingress.proxy import ClientConnection, ProxyContext
+from ingress.router import Router
+from ingress.timers import TimerWheel
+
+log = logging.getLogger("tidegate.ingress")
+
+
+class IngressSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """The ingress's own settings (not a service's). Durations in seconds, sizes in bytes."""
+
+    listen: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1:8080"])  # host:port
+    tls_listen: list[str] = []  # HTTPS listeners
+    tls_certs: list[tuple[str, str]] = []  # (cert file, key file) pairs, chosen by SNI
+    tls_self_signed: bool = False  # a local CA and leaf kept under tls_state_dir
+    tls_state_dir: str | None = None
+    tls_hostnames: list[str] = msgspec.field(default_factory=lambda: ["localhost"])
+    metrics_listen: str | None = "127.0.0.1:9464"  # /metrics, /-/healthy, /-/ready
+    control_socket: str | None = None  # unix socket of the control API (None: not served)
+    keepalive_timeout: float = 60.0  # idle client connection (nginx: 75 s)
+    head_timeout: float = 30.0  # a started request head must complete (nginx: 60 s)
+    drain_timeout: float = 30.0  # on shutdown, for in-flight requests to finish
+    max_head_bytes: int = 65536  # request head limit: 431 past it
+    upstream_idle_timeout: float = 4.0  # below common app servers' keep-alive (5 s)
+    max_idle_per_instance: int = 128  # idle upstream connections kept per instance
+
+
+def split_listen(address: str) -> tuple[str, int]:
+    """host:port for a listener; ":8080" means every interface."""
+    if address.startswith(":"):
+        address = "0.0.0.0" + address
+    return parse_address(address, allow_port_zero=True)
+
+
+class Ingress:
+    def __init__(self, settings: IngressSettings) -> None:
+        self.settings = settings
+        self._loop = asyncio.get_running_loop()
+        self.wheel = TimerWheel(self._loop)
+        self.router = Router(
+            self.wheel, self._loop.time, max_idle_per_instance=settings.max_idle_per_instance
+        )
+        self.context = ProxyContext(
+            self._loop,
+            self.router,
+            self.wheel,
+            keepalive_timeout=settings.keepalive_timeout,
+            head_timeout=settings.head_timeout,
+            max_head_bytes=settings.max_head_bytes,
+        )
+        self.registry = CollectorRegistry()
+        self.registry.register(IngressCollector(self.router))
+        self._servers: list[asyncio.Server] = []
+        self.http_addresses: list[tuple[str, int]] = []
+        self.https_addresses: list[tuple[str, int]] = []
+        self.admin: AdminServer | None = None
+        self.control: ControlServer | None = None
+        self._ready = False
+        self._housekeeping: asyncio.TimerHandle | None = None
+
+    def ready(self) -> bool:
+        return self._ready
+
+    async def start(
+        self,
+        *,
+        sockets: list[socket.socket] | None = None,
+        tls_sockets: list[socket.socket] | None = None,
+    ) -> None:
+        """Listen (binding unless sockets are handed in), then serve the control API."""
+        settings = self.settings
+        loop = self._loop
+        tls_context = self._tls_context()
+        if settings.metrics_listen:
+            host, port = split_listen(settings.metrics_listen)
+            self.admin = AdminServer(host, port, ready=self.ready, registry=self.registry)
+            await self.admin.start()
+        if sockets is None:
+            sockets = [_bind(*split_listen(a)) for a in settings.listen]
+        if tls_sockets is None:
+            tls_sockets = [_bind(*split_listen(a)) for a in settings.tls_listen]
+        ctx = self.context
+        for sock in sockets:
+            server = await loop.create_server(
+                lambda: ClientConnection(ctx, b"http"), sock=sock, backlog=1024
+            )
+            self._servers.append(server)
+            self.http_addresses.append(sock.getsockname()[:2])
+        if tls_sockets and tls_context is None:
+            raise ValueError("--tls-listen needs --tls-cert/--tls-key or --tls-self-signed")
+        for sock in tls_sockets:
+            server = await loop.create_server(
+                lambda: ClientConnection(ctx, b"https"),
+                sock=sock,
+                backlog=1024,
+                ssl=tls_context,
+                ssl_handshake_timeout=10.0,
+            )
+            self._servers.append(server)
+            self.https_addresses.append(sock.getsockname()[:2])
+        if settings.control_socket:
+            self.control = ControlServer(self.router, settings.control_socket)
+            await self.control.start()
+        self._schedule_housekeeping()
+        self._ready = True
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        from ingress import tls
+
+        settings = self.settings
+        if settings.tls_certs:
+            return tls.server_context(settings.tls_certs)
+        if settings.tls_self_signed:
+            state = (
+                Path(settings.tls_state_dir) if settings.tls_state_dir else tls.default_state_dir()
+            )
+            return tls.self_signed_context(state, settings.tls_hostnames)
+        return None
+
+    def put_static(self, routing: ServiceRouting) -> None:
+        self.router.put_service(routing)
+
+    def _schedule_housekeeping(self) -> None:
+        self._housekeeping = self._loop.call_later(1.0, self._housekeep)
+
+    def _housekeep(self) -> None:
+        """Once a second: close upstream connections idle past upstream_idle_timeout."""
+        older_than = self._loop.time() - self.settings.upstream_idle_timeout
+        for service in self.router.all_services():
+            for pool in service.pools.values():
+                pool.expire(older_than)
+        self._schedule_housekeeping()
+
+    async def drain(self) -> None:
+        """Stop accepting, finish in-flight requests within drain_timeout, close the rest."""
+        self._ready = False
+        ctx = self.context
+        ctx.draining = True
+        for server in self._servers:
+            server.close()
+        for conn in list(ctx.connections):
+            conn.close_if_idle()
+        if ctx.connections:
+            # each connection closes itself after its response; the last one sets the event
+            ctx.all_closed = asyncio.Event()
+            try:
+                async with asyncio.timeout(self.settings.drain_timeout):
+                    await ctx.all_closed.wait()
+            except TimeoutError:
+                pass
+        left = len(ctx.connections)
+        if left:
+            log.warning("drain timeout: closing %d connection(s) with requests in flight", left)
+            for conn in list(ctx.connections):
+                conn.abort()
+        await self.close()
+
+    async def close(self) -> None:
+        self._ready = False
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+        for server in self._servers:
+            server.close()
+        for conn in list(self.context.connections):
+            conn.abort()
+        if self.control is not None:
+            await self.control.close()
+            self.control = None
+        self.router.close()
+        self.wheel.close()
+        if self.admin is not None:
+            await self.admin.close()
+            self.admin = None
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return sock
+
+
+async def serve(settings: IngressSettings, routings: list[ServiceRouting]) -> int:
+    """Run until SIGTERM/SIGINT, then drain. Returns the exit status."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    ingress = Ingress(settings)
+    try:
+        await ingress.start()
+    except BaseException:
+        await ingress.close()
+        raise
+    for routing in routings:
+        ingress.router.put_service(routing)
+    for host, port in ingress.http_addresses:
+        print(f"tidegate ingress: listening on http://{_url_host(host)}:{port}", flush=True)
+    for host, port in ingress.https_addresses:
+        print(f"tidegate ingress: listening on https://{_url_host(host)}:{port}", flush=True)
+    if ingress.admin is not None:
+        print(f"tidegate ingress: metrics on {settings.metrics_listen}", flush=True)
+    log.info("ready (pid %d)", os.getpid())
+    await stop.wait()
+    log.info("draining")
+    await ingress.drain()
+    return 0
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -119,6 +119,7 @@ class ClientConnection(asyncio.Protocol):
         "_client_ip",
         "_closed",
         "_ctx",
+        "_deadline",
         "_deadline_kind",
         "_head",
         "_held",
@@ -167,6 +168,7 @@ class ClientConnection(asyncio.Protocol):
         self._seq = 0
         self.wheel_slot = -1
         self._deadline_kind = _DL_NONE
+        self._deadline = 0.0  # when the current deadline is due; the wheel may fire earlier
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -616,6 +618,10 @@ class ClientConnection(asyncio.Protocol):
             errors[kind] = errors.get(kind, 0) + 1
 
     def on_deadline(self, now: float) -> None:
+        if now < self._deadline:
+            # the deadline moved later since the wheel entry was made (see _set_deadline)
+            self._ctx.wheel.schedule(self, self._deadline)
+            return
         kind = self._deadline_kind
         self._deadline_kind = _DL_NONE
         if kind == _DL_IDLE:
@@ -725,10 +731,13 @@ class ClientConnection(asyncio.Protocol):
         if resume_reader:
             self._resume(_PAUSE_UPGRADE)
             try:
-                self._reader.resume()
+                leftover = self._reader.resume()
             except RequestError as exc:
                 self._reject(exc.status, exc.reason)
                 return
+            if leftover is not None:  # the bytes held another upgrade request
+                self._tunnel_leftover = leftover
+                self._pause(_PAUSE_UPGRADE)
         if self._pending:
             self._replay()
         elif self._pause_mask & _PAUSE_PIPELINE:
@@ -796,6 +805,15 @@ class ClientConnection(asyncio.Protocol):
             self._transport.resume_reading()
 
     def _set_deadline(self, kind: int, timeout: float) -> None:
-        self._deadline_kind = kind
+        """Make `kind` the connection's deadline, `timeout` from now.
+
+        A later deadline leaves the wheel entry where it is: when it fires, on_deadline sees
+        the deadline has moved and re-files it. So a keep-alive connection moving between its
+        idle and request deadlines touches the wheel about once per timeout, not per request.
+        """
         ctx = self._ctx
-        ctx.wheel.schedule(self, ctx.loop.time() + timeout)
+        deadline = ctx.loop.time() + timeout
+        self._deadline_kind = kind
+        self._deadline = deadline
+        if self.wheel_slot < 0 or deadline < ctx.wheel.due(self):
+            ctx.wheel.schedule(self, deadline)

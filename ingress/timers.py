@@ -48,6 +48,11 @@ class TimerWheel:
         if self._handle is None:
             self._handle = self._loop.call_later(self._resolution, self._tick)
 
+    def due(self, obj: Timed) -> float:
+        """Latest time obj's current entry fires (inf when not scheduled)."""
+        slot = obj.wheel_slot
+        return slot * self._resolution if slot >= 0 else math.inf
+
     def cancel(self, obj: Timed) -> None:
         old = obj.wheel_slot
         if old >= 0:

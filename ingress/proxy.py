@@ -237,8 +237,10 @@ class ClientConnection(asyncio.Protocol):
                     upstream.transport.write_eof()
                 return True
             return False
-        # A client may half-close after sending its whole request: answer, then close.
-        return bool(self._head is not None and self._request_done)
+        # A client's FIN cannot be told apart from a hang-up, and browsers never half-close:
+        # like nginx, take it as the client leaving, so a held request leaves the queue and an
+        # instance stops working on an answer nobody will read.
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True

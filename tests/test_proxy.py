@@ -396,3 +396,39 @@ async def test_ambiguous_response_becomes_502() -> None:
             assert r.status == 502
     finally:
         server.close()
+
+
+async def test_held_request_of_a_departed_client_leaves_the_queue() -> None:
+    """A client that hangs up while its request is held is dropped from the queue at once."""
+    async with running_ingress([routing(addresses=[])]) as ingress:
+        service = ingress.router.service("svc")
+        assert service is not None
+        host, port = ingress.http_addresses[0]
+        _reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await wait_for(lambda: service.balancer.queued == 1, what="the request to be held")
+        writer.close()
+        await wait_for(lambda: service.balancer.queued == 0, what="the queue to drop it")
+
+
+async def test_slow_request_head_gets_408_and_close() -> None:
+    """A request head that does not complete within head_timeout gets 408 and is closed."""
+    async with (
+        running_backends(1) as (backend,),
+        running_ingress([routing(addresses=[backend.address])], head_timeout=0.2) as ingress,
+    ):
+        answer = await raw_exchange(ingress, b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+    assert answer.startswith(b"HTTP/1.1 408")
+    assert backend.requests == 0
+
+
+async def test_idle_keep_alive_connection_is_closed() -> None:
+    """A kept-alive connection idle past keepalive_timeout is closed by the ingress."""
+    async with (
+        running_backends(1) as (backend,),
+        running_ingress([routing(addresses=[backend.address])], keepalive_timeout=0.2) as ingress,
+    ):
+        answer = await raw_exchange(ingress, b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+    # raw_exchange reads until the ingress closes: the response, then EOF, well before 5 s
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert b"connection: close" not in answer.lower()

@@ -9,8 +9,9 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
+from ingress.control import ControlSocketError
 from ingress.messages import InstanceSpec, ServiceRouting, parse_address
-from ingress.server import IngressSettings, serve
+from ingress.server import IngressSettings, serve, split_listen
 from ingress.units import parse_duration, parse_size
 
 
@@ -147,6 +148,16 @@ def settings_from_args(args: argparse.Namespace) -> IngressSettings:
     if args.tls_self_signed and args.tls_cert:
         raise ValueError("--tls-self-signed and --tls-cert exclude each other")
     metrics = None if args.metrics_listen in ("off", "") else args.metrics_listen
+    for flag, addresses in (
+        ("--listen", args.listen or []),
+        ("--tls-listen", args.tls_listen),
+        ("--metrics-listen", [metrics] if metrics else []),
+    ):
+        for address in addresses:
+            try:
+                split_listen(address)
+            except ValueError as exc:
+                raise ValueError(f"{flag}: {exc}") from None
     control = getattr(args, "control_socket", None)
     return IngressSettings(
         listen=args.listen or ["127.0.0.1:8080"],
@@ -219,13 +230,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         return run_loop(serve(settings, routings))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ControlSocketError) as exc:
+        # configuration and environment problems (a port in use, an unreadable certificate,
+        # a socket path owned by a live process): one line, no traceback
         print(f"tidegate ingress: {exc}", file=sys.stderr)
         return 1
 
 
 def run_loop(main: Coroutine[Any, Any, int]) -> int:
-    """Run a coroutine on uvloop (the default loop if uvloop is missing)."""
+    """Run a coroutine on uvloop, the loop the ingress is built and measured for."""
     import uvloop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

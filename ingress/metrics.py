@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from ingress.router import Router
@@ -42,8 +47,20 @@ class IngressCollector(Collector):
             "Failures talking to instances, by kind (connect, reset, timeout, bad_response).",
             labels=["service", "kind"],
         )
+        duration = HistogramMetricFamily(
+            "tidegate_request_duration_seconds",
+            "Time from a request's arrival to the end of its response, queue wait included.",
+            labels=["service"],
+        )
+        queue_wait = HistogramMetricFamily(
+            "tidegate_queue_wait_seconds",
+            "Time requests were held before an instance took them (0 when none was needed).",
+            labels=["service"],
+        )
         for service in self._router.all_services():
             name = service.name
+            duration.add_metric([name], service.duration.cumulative(), service.duration.sum)
+            queue_wait.add_metric([name], service.queue_wait.cumulative(), service.queue_wait.sum)
             for index in range(1, 6):
                 requests.add_metric([name, _CLASSES[index]], service.codes[index])
             for instance in service.balancer.instances():
@@ -59,3 +76,5 @@ class IngressCollector(Collector):
         yield inflight
         yield queued
         yield errors
+        yield duration
+        yield queue_wait

@@ -316,6 +316,7 @@ class ClientConnection(asyncio.Protocol):
         )
         instance = service.balancer.acquire()
         if instance is not None:
+            service.queue_wait.counts[0] += 1  # no wait: the lowest bucket, adds 0 to the sum
             self._dispatch(instance)
             return
         held = service.hold(self, now)
@@ -327,6 +328,8 @@ class ClientConnection(asyncio.Protocol):
     def grant(self, instance: Instance) -> None:
         """The hold queue gave this request a slot on `instance` (Waiter protocol)."""
         self._held = None
+        if self._service is not None:
+            self._service.queue_wait.observe(self._ctx.loop.time() - self._t0)
         if self._closed or self._service is None:
             # cannot happen while the queue cancels on connection_lost, but never leak a slot
             if self._service is not None:
@@ -718,6 +721,7 @@ class ClientConnection(asyncio.Protocol):
         service = self._service
         if service is not None:
             service.codes[self._status // 100] += 1
+            service.duration.observe(self._ctx.loop.time() - self._t0)
         elif self._status:
             self._ctx.router.unrouted[self._status // 100] += 1
         self.flush()

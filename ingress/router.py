@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 import msgspec
 
 from ingress.balancer import HeldRequest, Instance, ServiceBalancer
+from ingress.histogram import Histogram
 from ingress.messages import (
     ColdStartEvent,
     DrainedEvent,
@@ -47,10 +48,12 @@ class Service:
         "balancer",
         "codes",
         "connect_timeout",
+        "duration",
         "errors",
         "max_body",
         "name",
         "pools",
+        "queue_wait",
         "request_timeout",
         "retry_after",
         "routing",
@@ -65,6 +68,8 @@ class Service:
         # responses by class: index 1 = 1xx ... 5 = 5xx (index 0 unused), bumped per request
         self.codes = [0, 0, 0, 0, 0, 0]
         self.errors: dict[str, int] = {}  # upstream errors by kind: connect, reset, timeout...
+        self.duration = Histogram()  # arrival to the end of the response (or tunnel)
+        self.queue_wait = Histogram()  # arrival to a slot on an instance (0 if none was needed)
         self.balancer = ServiceBalancer(
             routing.name,
             max_concurrency=routing.max_concurrency,

@@ -231,8 +231,12 @@ async def serve(settings: IngressSettings, routings: list[ServiceRouting]) -> in
         print(f"tidegate ingress: listening on http://{_url_host(host)}:{port}", flush=True)
     for host, port in ingress.https_addresses:
         print(f"tidegate ingress: listening on https://{_url_host(host)}:{port}", flush=True)
-    if ingress.admin is not None:
-        print(f"tidegate ingress: metrics on {settings.metrics_listen}", flush=True)
+    if ingress.admin is not None and settings.metrics_listen:
+        host, _ = split_listen(settings.metrics_listen)
+        print(
+            f"tidegate ingress: metrics on http://{_url_host(host)}:{ingress.admin.port}/metrics",
+            flush=True,
+        )
     log.info("ready (pid %d)", os.getpid())
     await stop.wait()
     log.info("draining")

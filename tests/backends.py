@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from aiohttp import WSMsgType, web
+from aiohttp.typedefs import Handler
 
 
 @dataclass
@@ -36,7 +37,7 @@ BACKEND = web.AppKey("backend", Backend)
 
 
 @web.middleware
-async def _count(request: web.Request, handler):  # type: ignore[no-untyped-def]
+async def _count(request: web.Request, handler: Handler) -> web.StreamResponse:
     backend: Backend = request.app[BACKEND]
     backend.requests += 1
     backend.inflight += 1

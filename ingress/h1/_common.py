@@ -12,7 +12,7 @@ Everything here raises :class:`Violation`; each reader turns it into its public 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 
 # RFC 9110 5.6.2: token = 1*tchar.
 TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
@@ -31,9 +31,6 @@ _CHUNK_LINE = re.compile(
 # A trailer field line, RFC 9112 5: no whitespace before the colon, no obs-fold (a line may not
 # start with whitespace), no CTL other than HTAB in the value (RFC 9110 5.5).
 _FIELD_LINE = re.compile(TOKEN + rb":[\t\x20-\x7e\x80-\xff]*")
-
-# RFC 9110 8.6: Content-Length = 1*DIGIT. Leading zeros are refused too (see parse_length).
-_LENGTH = re.compile(rb"0|[1-9][0-9]*")
 
 # A chunk-size line holds a size and optional extensions; Go's net/http caps such lines at
 # 4096 bytes (internal/chunked.go, maxLineLength), far above any real extension.
@@ -76,6 +73,15 @@ class HeadBuffer:
         """Take ``data[pos:]`` (non-empty); return ``(head, end offset in data)`` once complete."""
         buf = self._buf
         held = len(buf)
+        if not held:
+            # The usual case, a whole head in one read: one find, then the line-end rule as a
+            # count comparison (every CR and every LF belongs to a CRLF). Anything else, or any
+            # fault, takes the general path below, which gives the same verdict and reason.
+            end = data.find(_END, pos) + 4
+            if 4 <= end <= pos + self._limit:
+                crlf = data.count(b"\r\n", pos, end)
+                if data.count(b"\n", pos, end) == crlf and data.count(b"\r", pos, end) == crlf:
+                    return data[pos:end], end
         end = -1
         if held:
             tail = bytes(buf[-3:])
@@ -115,18 +121,23 @@ class HeadBuffer:
 
 
 class FieldCollector:
-    """The httptools callback object for one head: its fields, normalised as they arrive.
+    """The httptools callback object for a head: its fields, normalised as they arrive.
 
     `fields` holds (lowercased name, value without surrounding OWS) in order; `special` holds
-    the values of the names in `watch`, the ones that decide framing and routing.
+    the values of the names in `watch`, the ones that decide framing and routing. A reader
+    keeps one and calls reset() before each head (each still gets a fresh parser): that is
+    cheaper than a new object, and the lists handed out with a head are never touched again.
     """
 
     __slots__ = ("complete", "fields", "special", "watch")
 
     def __init__(self, watch: frozenset[bytes]) -> None:
+        self.watch = watch
+        self.reset()
+
+    def reset(self) -> None:
         self.fields: list[tuple[bytes, bytes]] = []
         self.special: dict[bytes, list[bytes]] = {}
-        self.watch = watch
         self.complete = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -140,8 +151,11 @@ class FieldCollector:
         self.complete = True
 
 
-def comma_tokens(values: Iterable[bytes]) -> tuple[bytes, ...]:
+def comma_tokens(values: Sequence[bytes]) -> tuple[bytes, ...]:
     """Lowercased, OWS-stripped, non-empty members of comma-separated field values."""
+    if len(values) == 1 and b"," not in values[0]:  # the usual single token, e.g. keep-alive
+        item = values[0].strip(b" \t")
+        return (item.lower(),) if item else ()
     out = []
     for value in values:
         for item in value.split(b","):
@@ -163,7 +177,8 @@ def parse_length(values: list[bytes], status: int) -> int:
     if len(values) != 1:
         raise Violation(status, "several Content-Length fields")
     value = values[0]
-    if _LENGTH.fullmatch(value) is None:
+    # bytes.isdigit is ASCII-only (and false for b""): exactly 1*DIGIT, without a leading zero.
+    if not value.isdigit() or (value[0] == 0x30 and len(value) > 1):
         raise Violation(status, "invalid Content-Length")
     return int(value)
 

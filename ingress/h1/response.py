@@ -42,6 +42,7 @@ DEFAULT_MAX_HEAD_BYTES = 65536
 BodyKind = Literal["none", "length", "chunked", "close"]
 
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?")
+_OK_LINE = b"HTTP/1.1 200 OK\r\n"
 _FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
 
 
@@ -89,6 +90,18 @@ class _State(enum.Enum):
     FAILED = "failed"
 
 
+# The states as module globals for the hot paths: in Python 3.11 every `_State.X` goes
+# through the enum metaclass's __getattr__ hook, about ten times slower than a global.
+_IDLE = _State.IDLE
+_HEAD = _State.HEAD
+_LENGTH = _State.LENGTH
+_CHUNKED = _State.CHUNKED
+_CLOSE = _State.CLOSE
+_SWITCHED = _State.SWITCHED
+_CLOSED = _State.CLOSED
+_FAILED = _State.FAILED
+
+
 class ResponseReader:
     """Reads the responses of one upstream connection, one start() at a time.
 
@@ -101,6 +114,7 @@ class ResponseReader:
         "_chunks",
         "_ended",
         "_error",
+        "_fields",
         "_head",
         "_head_request",
         "_interim",
@@ -115,8 +129,9 @@ class ResponseReader:
             raise ValueError("max_head_bytes must be at least 64")
         self._sink = sink
         self._max_head_bytes = max_head_bytes
-        self._state = _State.IDLE
+        self._state = _IDLE
         self._head = HeadBuffer(max_head_bytes)
+        self._fields = FieldCollector(_FRAMING)
         self._head_request = False
         self._interim = False  # a 1xx of the current response was read
         self._remaining = 0
@@ -126,9 +141,9 @@ class ResponseReader:
 
     def start(self, *, head_request: bool) -> None:
         """A request was sent: expect its response (with no body if `head_request`)."""
-        if self._state is not _State.IDLE:
+        if self._state is not _IDLE:
             raise RuntimeError(f"start() while {self._state.value}")
-        self._state = _State.HEAD
+        self._state = _HEAD
         self._head_request = head_request
         self._interim = False
 
@@ -139,7 +154,7 @@ class ResponseReader:
         part of an expected response; the reader then stays failed.
         """
         state = self._state
-        if state is _State.SWITCHED or state is _State.CLOSED:
+        if state is _SWITCHED or state is _CLOSED:
             raise RuntimeError(f"feed() while {state.value}")
         if self._error is not None:
             raise self._error
@@ -156,18 +171,18 @@ class ResponseReader:
         EOF this does nothing.
         """
         state = self._state
-        if state is _State.FAILED or state is _State.SWITCHED or state is _State.CLOSED:
+        if state is _FAILED or state is _SWITCHED or state is _CLOSED:
             return
-        self._state = _State.CLOSED
-        if state is _State.CLOSE:
+        self._state = _CLOSED
+        if state is _CLOSE:
             self._sink.on_response_end()
-        elif state is _State.LENGTH or state is _State.CHUNKED:
+        elif state is _LENGTH or state is _CHUNKED:
             raise self._fail(Violation(502, "response body cut short"))
-        elif state is _State.HEAD and (len(self._head) or self._interim):
+        elif state is _HEAD and (len(self._head) or self._interim):
             raise self._fail(Violation(502, "response head cut short"))
 
     def _fail(self, exc: Violation) -> ResponseError:
-        self._state = _State.FAILED
+        self._state = _FAILED
         self._error = ResponseError(exc.reason)
         return self._error
 
@@ -182,7 +197,7 @@ class ResponseReader:
                 # next request could be, whatever the sink did from on_response_end().
                 raise Violation(502, "data when no response was expected")
             state = self._state
-            if state is _State.HEAD:
+            if state is _HEAD:
                 if not len(self._head) and data[pos] != 0x48:  # "H"
                     raise Violation(502, "invalid status line")
                 found = self._head.push(data, pos)
@@ -191,20 +206,20 @@ class ResponseReader:
                 head, pos = found
                 if self._start(head):
                     return data[pos:]
-            elif state is _State.LENGTH:
+            elif state is _LENGTH:
                 take = min(self._remaining, n - pos)
                 sink.on_response_body(data if take == n else data[pos : pos + take])
                 pos += take
                 self._remaining -= take
                 if not self._remaining:
                     self._end()
-            elif state is _State.CHUNKED:
+            elif state is _CHUNKED:
                 assert self._chunks is not None
                 pos = self._chunks.feed(data, pos)
                 if self._chunks.done:
                     self._chunks = None
                     self._end()
-            elif state is _State.CLOSE:
+            elif state is _CLOSE:
                 sink.on_response_body(data if pos == 0 else data[pos:])
                 return None
             else:
@@ -212,13 +227,13 @@ class ResponseReader:
         return None
 
     def _end(self) -> None:
-        self._state = _State.IDLE
+        self._state = _IDLE
         self._ended = True
         self._sink.on_response_end()
 
     def _start(self, raw: bytes) -> bool:
         """Parse one complete head, call the sink; True after a 101."""
-        head = _parse_head(raw, self._head_request)
+        head = _parse_head(raw, self._head_request, self._fields)
         sink = self._sink
         status = head.status
         if status < 200 and status != 101:
@@ -226,18 +241,18 @@ class ResponseReader:
             sink.on_response_head(head)
             return False
         if status == 101:
-            self._state = _State.SWITCHED
+            self._state = _SWITCHED
             sink.on_response_head(head)
             sink.on_response_end()
             return True
         body = head.body
         if body == "chunked":
-            self._state = _State.CHUNKED
+            self._state = _CHUNKED
             self._chunks = ChunkedDecoder(sink.on_response_body, self._max_head_bytes)
         elif body == "close":
-            self._state = _State.CLOSE
+            self._state = _CLOSE
         elif body == "length" and head.content_length:
-            self._state = _State.LENGTH
+            self._state = _LENGTH
             self._remaining = head.content_length
         else:
             sink.on_response_head(head)
@@ -247,16 +262,18 @@ class ResponseReader:
         return False
 
 
-def _parse_head(raw: bytes, head_request: bool) -> ResponseHead:
-    line = raw[: raw.find(b"\r\n")]
-    match = _STATUS_LINE.fullmatch(line)
-    if match is None:
-        raise Violation(502, "invalid status line")
-    minor = 1 if match[1] == b"1" else 0
-    status = int(match[2])
-    reason = match[3] or b""
+def _parse_head(raw: bytes, head_request: bool, collector: FieldCollector) -> ResponseHead:
+    if raw.startswith(_OK_LINE):  # by far the most common status line; _STATUS_LINE matches it
+        minor, status, reason = 1, 200, b"OK"
+    else:
+        match = _STATUS_LINE.fullmatch(raw[: raw.find(b"\r\n")])
+        if match is None:
+            raise Violation(502, "invalid status line")
+        minor = 1 if match[1] == b"1" else 0
+        status = int(match[2])
+        reason = match[3] or b""
 
-    collector = FieldCollector(_FRAMING)
+    collector.reset()
     try:
         httptools.HttpResponseParser(collector).feed_data(raw)
     except httptools.HttpParserUpgrade:
@@ -295,21 +312,15 @@ def _parse_head(raw: bytes, head_request: bool) -> ResponseHead:
         body = "length"
     else:
         body = "close"
-    tokens = comma_tokens(special.get(b"connection", ()))
+    connection = special.get(b"connection")
+    tokens = () if connection is None else comma_tokens(connection)
     keep_alive = (
         body != "close"
         and status != 101
         and b"close" not in tokens
         and (minor == 1 or b"keep-alive" in tokens)
     )
+    # Positional: this runs for every response, and keyword passing costs measurably more.
     return ResponseHead(
-        status=status,
-        reason=reason,
-        http_minor=minor,
-        headers=collector.fields,
-        content_length=content_length,
-        chunked=chunked,
-        keep_alive=keep_alive,
-        connection_tokens=tokens,
-        body=body,
+        status, reason, minor, collector.fields, content_length, chunked, keep_alive, tokens, body
     )

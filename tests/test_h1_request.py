@@ -757,3 +757,63 @@ def test_reader_stays_failed():
     with pytest.raises(RequestError) as again:
         reader.feed(_get())
     assert again.value is first.value and first.value.status == 400
+
+
+@pytest.mark.parametrize(
+    ("stream", "status", "reason"),
+    [
+        pytest.param(
+            b"GET / HTTP/2.0\r\nHost: a\r\nX: a\nb\r\n\r\n", 400, "bare LF line ending", id="lf-505"
+        ),
+        pytest.param(
+            b"CONNECT a:1 HTTP/1.1\r\nX: a\rb\r\n\r\n", 400, "bare CR in head", id="cr-501"
+        ),
+        pytest.param(
+            _get(extra=b"Host: b\r\nX: a\rb\r\n"), 400, "bare CR in head", id="cr-2-hosts"
+        ),
+    ],
+)
+@pytest.mark.parametrize("bytewise", [False, True], ids=["whole", "bytewise"])
+def test_line_end_verdict_comes_first(stream: bytes, status: int, reason: str, bytewise: bool):
+    """A bare CR or LF in a head is the error reported, whatever else is wrong, fed either way."""
+    reader = RequestReader(Recorder())
+    with pytest.raises(RequestError) as caught:
+        for piece in _pieces(stream, bytewise):
+            reader.feed(piece)
+    assert (caught.value.status, caught.value.reason) == (status, reason)
+
+
+@pytest.mark.parametrize(
+    ("value", "length"),
+    [
+        pytest.param(b"0", 0, id="zero"),
+        pytest.param(b"10", 10, id="ten"),
+        pytest.param(b"00", None, id="double-zero"),
+        pytest.param(b"010", None, id="leading-zero"),
+        pytest.param(b"\xb2", None, id="latin1-superscript-two"),
+        pytest.param(b"1\xb9", None, id="latin1-superscript-one"),
+        pytest.param(b"+1", None, id="plus"),
+        pytest.param(b"1_0", None, id="underscore"),
+    ],
+)
+def test_content_length_is_plain_ascii_digits(value: bytes, length: int | None):
+    """Content-Length takes 1*DIGIT in ASCII without a leading zero, and nothing else."""
+    outcome = run_reader(_cl(value, b"x" * (length or 0)), bytewise=False)
+    if length is None:
+        assert outcome.status == 400
+    else:
+        assert outcome.heads[0].content_length == length
+
+
+@pytest.mark.parametrize(
+    ("connection", "tokens"),
+    [
+        pytest.param(b"Connection: Keep-Alive\r\n", (b"keep-alive",), id="one"),
+        pytest.param(b"Connection: \r\n", (), id="empty"),
+        pytest.param(b"Connection: close\r\nConnection: X-A\r\n", (b"close", b"x-a"), id="two"),
+        pytest.param(b"Connection: ,a ,, B\r\n", (b"a", b"b"), id="list"),
+    ],
+)
+def test_connection_tokens(connection: bytes, tokens: tuple[bytes, ...]):
+    """connection_tokens lists the lowercased non-empty members of every Connection field."""
+    assert run_reader(_get(extra=connection), bytewise=False).heads[0].connection_tokens == tokens

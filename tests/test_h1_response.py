@@ -680,3 +680,30 @@ def test_head_limit_boundary(bytewise: bool):
             stream, head_request=True, eof=False, bytewise=bytewise, max_head_bytes=1024
         )
         assert (outcome.error is None) is ok
+
+
+@pytest.mark.parametrize(
+    ("line", "status", "reason"),
+    [
+        pytest.param("HTTP/1.1 200 OK", 200, b"OK", id="ok"),
+        pytest.param("HTTP/1.1 200 OK ", 200, b"OK ", id="ok-trailing-space"),
+        pytest.param("HTTP/1.1 200 OKAY", 200, b"OKAY", id="okay"),
+        pytest.param("HTTP/1.1 200 ", 200, b"", id="empty-reason"),
+        pytest.param("HTTP/1.0 200 OK", 200, b"OK", id="http10"),
+    ],
+)
+def test_status_line_fields(line: str, status: int, reason: bytes):
+    """status, reason and http_minor come from the status line as sent."""
+    outcome = run_reader(
+        _r(line + "\r\nContent-Length: 0\r\n\r\n"), head_request=False, eof=False, bytewise=False
+    )
+    head = outcome.heads[0]
+    assert (head.status, head.reason, head.http_minor) == (status, reason, int(line[7]))
+
+
+@pytest.mark.parametrize("bytewise", [False, True], ids=["whole", "bytewise"])
+def test_line_end_verdict_comes_first(bytewise: bool):
+    """A bare CR in a 101 head is the error reported, as for any head, fed either way."""
+    stream = _r("HTTP/1.1 101 Switching Protocols\r\nUpgrade: a\rb\r\n\r\n")
+    outcome = run_reader(stream, head_request=False, eof=False, bytewise=bytewise)
+    assert outcome.error == "bare CR in head"

@@ -69,19 +69,21 @@ class HeadBuffer:
     def __len__(self) -> int:
         return len(self._buf)
 
-    def push(self, data: bytes, pos: int) -> tuple[bytes, int] | None:
-        """Take ``data[pos:]`` (non-empty); return ``(head, end offset in data)`` once complete."""
+    def push(self, data: bytes, pos: int, *, defer_check: bool = False) -> tuple[bytes, int] | None:
+        """Take ``data[pos:]`` (non-empty); return ``(head, end offset in data)`` once complete.
+
+        With `defer_check`, a head found whole in `data` with nothing held (the usual case) is
+        returned without its line-end check, the costliest step here: a reader parses it at
+        once and calls :func:`check_line_ends` only if that fails, which gives the same verdict
+        and reason, because a head with a bare CR or LF never parses (the start-line patterns
+        exclude both, and llhttp refuses them in fields: no lenient flag is ever set).
+        """
         buf = self._buf
         held = len(buf)
-        if not held:
-            # The usual case, a whole head in one read: one find, then the line-end rule as a
-            # count comparison (every CR and every LF belongs to a CRLF). Anything else, or any
-            # fault, takes the general path below, which gives the same verdict and reason.
+        if defer_check and not held:
             end = data.find(_END, pos) + 4
             if 4 <= end <= pos + self._limit:
-                crlf = data.count(b"\r\n", pos, end)
-                if data.count(b"\n", pos, end) == crlf and data.count(b"\r", pos, end) == crlf:
-                    return data[pos:end], end
+                return data[pos:end], end
         end = -1
         if held:
             tail = bytes(buf[-3:])
@@ -118,6 +120,15 @@ class HeadBuffer:
         open_cr = data[stop - 1] == _CR  # its LF may come with the next bytes
         if data.count(b"\r", pos, stop) + held_cr != crlf + open_cr:
             raise Violation(400, "bare CR in head")
+
+
+def check_line_ends(head: bytes) -> None:
+    """Raise what HeadBuffer.push would for a bare LF or CR in a complete `head`."""
+    crlf = head.count(b"\r\n")
+    if head.count(b"\n") != crlf:
+        raise Violation(400, "bare LF line ending")
+    if head.count(b"\r") != crlf:
+        raise Violation(400, "bare CR in head")
 
 
 class FieldCollector:

@@ -45,6 +45,7 @@ from ingress.h1._common import (
     FieldCollector,
     HeadBuffer,
     Violation,
+    check_line_ends,
     comma_tokens,
     parse_length,
 )
@@ -181,7 +182,12 @@ class RequestReader:
         """
         if self._state is _UPGRADED:
             raise RuntimeError("feed() after an upgrade request: call resume() first")
-        return self._run(data)
+        if self._error is not None:
+            raise self._error
+        try:  # _run() inlined: feed() is called for every read
+            return self._parse(data)
+        except Violation as exc:
+            raise self._fail(exc) from None
 
     def resume(self) -> bytes | None:
         """Go on with HTTP after a declined upgrade, parsing the bytes that followed it.
@@ -200,9 +206,12 @@ class RequestReader:
         try:
             return self._parse(data)
         except Violation as exc:
-            self._state = _FAILED
-            self._error = RequestError(exc.status, exc.reason)
-            raise self._error from None
+            raise self._fail(exc) from None
+
+    def _fail(self, exc: Violation) -> RequestError:
+        self._state = _FAILED
+        self._error = RequestError(exc.status, exc.reason)
+        return self._error
 
     def _parse(self, data: bytes) -> bytes | None:
         pos = 0
@@ -211,13 +220,18 @@ class RequestReader:
         while pos < n:
             state = self._state
             if state is _HEAD:
-                if not len(self._head) and data[pos] not in _METHOD_START:
+                if data[pos] not in _METHOD_START and not len(self._head):
                     raise Violation(400, "invalid request line")
-                found = self._head.push(data, pos)
+                found = self._head.push(data, pos, defer_check=True)
                 if found is None:
                     return None
                 head, pos = found
-                if self._start(head):
+                try:
+                    upgrade = self._start(head)
+                except Violation:
+                    check_line_ends(head)  # deferred by push(): this verdict comes first
+                    raise
+                if upgrade:
                     self._leftover = data[pos:]
                     return self._leftover
             elif state is _LENGTH:

@@ -30,6 +30,7 @@ from ingress.h1._common import (
     FieldCollector,
     HeadBuffer,
     Violation,
+    check_line_ends,
     comma_tokens,
     parse_length,
 )
@@ -198,13 +199,18 @@ class ResponseReader:
                 raise Violation(502, "data when no response was expected")
             state = self._state
             if state is _HEAD:
-                if not len(self._head) and data[pos] != 0x48:  # "H"
+                if data[pos] != 0x48 and not len(self._head):  # "H"
                     raise Violation(502, "invalid status line")
-                found = self._head.push(data, pos)
+                found = self._head.push(data, pos, defer_check=True)
                 if found is None:
                     return None
                 head, pos = found
-                if self._start(head):
+                try:
+                    upgrade = self._start(head)
+                except Violation:
+                    check_line_ends(head)  # deferred by push(): this verdict comes first
+                    raise
+                if upgrade:
                     return data[pos:]
             elif state is _LENGTH:
                 take = min(self._remaining, n - pos)

@@ -9,6 +9,7 @@ connections, let in-flight requests finish (their responses say ``Connection: cl
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -237,6 +238,10 @@ async def serve(settings: IngressSettings, routings: list[ServiceRouting]) -> in
             f"tidegate ingress: metrics on http://{_url_host(host)}:{ingress.admin.port}/metrics",
             flush=True,
         )
+    # Everything made so far (modules, settings, listeners) lives as long as the process:
+    # move it out of the collector's sight so the collections that per-request garbage
+    # triggers do not rescan it each time.
+    gc.freeze()
     log.info("ready (pid %d)", os.getpid())
     await stop.wait()
     log.info("draining")

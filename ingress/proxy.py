@@ -254,8 +254,12 @@ class ClientConnection(asyncio.Protocol):
         upstream = self._upstream
         if upstream is not None:
             self._upstream = None
-            # Nobody will read the answer: stop the instance's work on it.
-            upstream.abort()
+            if self._tunnel:
+                upstream.close()  # a tunnel's end: what the client sent last still goes
+            else:
+                upstream.abort()  # nobody will read the answer: stop the instance's work
+        if self._tunnel and self._service is not None:
+            self._count_response()
         self._release_slot()
         self._head = None
 
@@ -540,7 +544,13 @@ class ClientConnection(asyncio.Protocol):
             return
         self._upstream = None
         conn.abort()
-        if self._tunnel or self._response_started:
+        if self._tunnel:
+            # the instance ended the tunnel: a normal end for a WebSocket, not an error
+            self._release_slot()
+            self._keep_alive = False
+            self._finish()
+            return
+        if self._response_started:
             # Part of the response is out: the client can only learn of the failure by the
             # connection closing before the response's framing says it is complete.
             self._count_error(kind)
@@ -695,6 +705,12 @@ class ClientConnection(asyncio.Protocol):
             self._request_done = True
         self._finish()
 
+    def _count_response(self) -> None:
+        service = self._service
+        assert service is not None
+        service.codes[self._status // 100] += 1
+        service.duration.observe(self._ctx.loop.time() - self._t0)
+
     def _cancel_held(self) -> None:
         held = self._held
         if held is not None:
@@ -718,10 +734,8 @@ class ClientConnection(asyncio.Protocol):
     # -- end of an exchange ----------------------------------------------------------------
 
     def _finish(self) -> None:
-        service = self._service
-        if service is not None:
-            service.codes[self._status // 100] += 1
-            service.duration.observe(self._ctx.loop.time() - self._t0)
+        if self._service is not None:
+            self._count_response()
         elif self._status:
             self._ctx.router.unrouted[self._status // 100] += 1
         self.flush()

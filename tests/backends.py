@@ -108,7 +108,9 @@ async def _ws(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse()
     await ws.prepare(request)
     async for message in ws:
-        if message.type == WSMsgType.TEXT:
+        if message.type == WSMsgType.TEXT and message.data == "bye":
+            await ws.close()  # the instance ends the tunnel
+        elif message.type == WSMsgType.TEXT:
             await ws.send_str("echo:" + message.data)
         elif message.type == WSMsgType.BINARY:
             await ws.send_bytes(message.data)

@@ -432,3 +432,22 @@ async def test_idle_keep_alive_connection_is_closed() -> None:
     # raw_exchange reads until the ingress closes: the response, then EOF, well before 5 s
     assert answer.startswith(b"HTTP/1.1 200")
     assert b"connection: close" not in answer.lower()
+
+
+async def test_websocket_closed_by_the_instance_is_a_normal_end() -> None:
+    """An instance closing its WebSocket ends the tunnel without counting an upstream error,
+    and the 101 is counted among the responses."""
+    async with (
+        running_backends(1) as (backend,),
+        running_ingress([routing(addresses=[backend.address])]) as ingress,
+        aiohttp.ClientSession() as session,
+    ):
+        service = ingress.router.service("svc")
+        assert service is not None
+        async with session.ws_connect(url(ingress, "/ws")) as ws:
+            await ws.send_str("bye")
+            message = await ws.receive(timeout=5)
+            assert message.type == aiohttp.WSMsgType.CLOSE
+        await wait_for(lambda: service.balancer.inflight == 0, what="the tunnel to be released")
+        await wait_for(lambda: service.codes[1] == 1, what="the 101 to be counted")
+        assert service.errors == {}

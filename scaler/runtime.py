@@ -3,7 +3,7 @@
 Owned by its user (the scaler), implemented by `scaler.runtimes.docker` (containers through
 the Docker Engine), `scaler.runtimes.process` (local processes: development, machines without
 Docker, the demo) and `scaler.runtimes.fake` (in memory, for tests of the scaler's logic).
-Every implementation passes the same contract tests (tests/test_runtime_contract.py).
+Every implementation passes the same contract tests (tests/runtime_contract.py).
 
 A runtime knows nothing of service files: the scaler resolves a service into a
 :class:`LaunchSpec` (secrets read, PORT chosen) and hands that over.
@@ -21,7 +21,9 @@ import msgspec
 LABEL_SERVICE = "tidegate.service"
 LABEL_REVISION = "tidegate.revision"  # the spec hash: which deployment the instance belongs to
 LABEL_INSTANCE = "tidegate.instance"
-LABEL_PORT = "tidegate.port"  # the port the instance listens on, as seen by the ingress
+# the port the app listens on inside the instance (the container port in bridge mode, PORT
+# with host networking); the address the ingress uses comes from the runtime's own state
+LABEL_PORT = "tidegate.port"
 
 
 class LaunchSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -33,7 +35,7 @@ class LaunchSpec(msgspec.Struct, frozen=True, kw_only=True):
     image: str | None = None  # docker: a local image reference
     command: tuple[str, ...] = ()  # process: argv; docker: overrides the image's CMD
     env: dict[str, str] = {}  # PORT, TIDEGATE_SERVICE, TIDEGATE_INSTANCE included
-    port: int = 8080  # the port the app listens on inside the instance
+    port: int = 8080  # bridge mode: the container port; with host networking PORT in env wins
     network_mode: Literal["bridge", "host"] = "bridge"
     networks: tuple[str, ...] = ()  # extra Docker networks to join
     cpu: float = 0.5  # vCPU
@@ -84,7 +86,8 @@ class Runtime(Protocol):
         ...
 
     async def list(self) -> list[InstanceInfo]:
-        """Every instance this runtime manages (by label), running or exited."""
+        """Every instance this runtime manages (by label, within its scope), running or
+        exited. An app that exits at once may be reported exited by start() itself."""
         ...
 
     async def inspect(self, instance_id: str) -> InstanceInfo | None: ...

@@ -25,6 +25,7 @@ from typing import Literal
 import msgspec
 
 from scaler.runtime import InstanceInfo, LaunchError, LaunchSpec, RuntimeEvent
+from scaler.runtimes._events import Closed, EventStream
 
 __all__ = ["FakeHost", "FakeRuntime"]
 
@@ -39,27 +40,6 @@ class FakeHost:
         self.started = 0  # how many instances were ever started: the address counter
 
 
-class _Closed:
-    """Ends the event stream."""
-
-
-class _EventStream:
-    """The runtime's one event stream; cancelling a wait loses no event."""
-
-    def __init__(self, queue: asyncio.Queue[RuntimeEvent | _Closed]) -> None:
-        self._queue = queue
-
-    def __aiter__(self) -> _EventStream:
-        return self
-
-    async def __anext__(self) -> RuntimeEvent:
-        item = await self._queue.get()
-        if isinstance(item, _Closed):
-            self._queue.put_nowait(item)  # later waiters stop too
-            raise StopAsyncIteration
-        return item
-
-
 class FakeRuntime:
     """A Runtime in memory. `clock` gives `started_at` (wall-clock seconds)."""
 
@@ -71,7 +51,7 @@ class FakeRuntime:
         self.stopped: list[str] = []  # every id stop() removed, in order
         self._clock = clock
         self._failures: deque[str] = deque()
-        self._events: asyncio.Queue[RuntimeEvent | _Closed] = asyncio.Queue()
+        self._events: asyncio.Queue[RuntimeEvent | Closed] = asyncio.Queue()
         self._closed = False
 
     def fail_next_start(self, message: str) -> None:
@@ -124,12 +104,12 @@ class FakeRuntime:
 
     def events(self) -> AsyncIterator[RuntimeEvent]:
         """Exits and removals, until close(). One stream per runtime: consume it in one place."""
-        return _EventStream(self._events)
+        return EventStream(self._events)
 
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._events.put_nowait(_Closed())
+            self._events.put_nowait(Closed())
 
     def _emit(self, kind: Literal["exited", "removed"], info: InstanceInfo) -> None:
         if not self._closed:

@@ -61,6 +61,7 @@ from scaler.runtime import (
     LaunchSpec,
     RuntimeEvent,
 )
+from scaler.runtimes._events import Closed, EventStream
 
 __all__ = ["ProcessRuntime"]
 
@@ -98,27 +99,6 @@ class _Instance:
     stopping: asyncio.Task[None] | None = None
 
 
-class _Closed:
-    """Ends the event stream."""
-
-
-class _EventStream:
-    """The runtime's one event stream; cancelling a wait loses no event."""
-
-    def __init__(self, queue: asyncio.Queue[RuntimeEvent | _Closed]) -> None:
-        self._queue = queue
-
-    def __aiter__(self) -> _EventStream:
-        return self
-
-    async def __anext__(self) -> RuntimeEvent:
-        item = await self._queue.get()
-        if isinstance(item, _Closed):
-            self._queue.put_nowait(item)  # later waiters stop too
-            raise StopAsyncIteration
-        return item
-
-
 class ProcessRuntime:
     """Runs instances as local process groups; state (records and logs) under `state_dir`."""
 
@@ -128,7 +108,7 @@ class ProcessRuntime:
         for directory in (state_dir, self._records_dir, self._logs_dir):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._instances: dict[str, _Instance] = {}
-        self._events: asyncio.Queue[RuntimeEvent | _Closed] = asyncio.Queue()
+        self._events: asyncio.Queue[RuntimeEvent | Closed] = asyncio.Queue()
         self._boot_id = _boot_id()
         self._adopted = False
         self._closed = False
@@ -203,7 +183,7 @@ class ProcessRuntime:
 
     def events(self) -> AsyncIterator[RuntimeEvent]:
         """Exits and removals, until close(). One stream per runtime: consume it in one place."""
-        return _EventStream(self._events)
+        return EventStream(self._events)
 
     async def close(self) -> None:
         """Stops watching; the instances keep running, for the next runtime to adopt."""
@@ -219,7 +199,7 @@ class ProcessRuntime:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._events.put_nowait(_Closed())
+        self._events.put_nowait(Closed())
 
     # -- starting ------------------------------------------------------------------------
 

@@ -114,7 +114,9 @@ def decide(
     panic_want = _instances(panic_load, per)
 
     panicking_until = state.panicking_until
-    if panic_want >= PANIC_THRESHOLD * max(ready, 1):
+    # Compare the unrounded load, as Knative does: rounding up would make one request over a
+    # single instance's capacity (101 at 100) a 200% "panic" and flap a steady load.
+    if panic_load / per >= PANIC_THRESHOLD * max(ready, 1):
         panicking_until = now + STABLE_WINDOW
     elif panicking_until is not None and now >= panicking_until:
         panicking_until = None

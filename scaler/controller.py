@@ -1,0 +1,618 @@
+"""The actuator for one service: it applies decide()'s instance count to a runtime and the ingress.
+
+Collector -> decider -> actuator: the :class:`~scaler.window.Window` collects demand, the pure
+:func:`~scaler.decide.decide` says how many instances there should be, and a
+:class:`ServiceController` makes it so. Its rules:
+
+- **Nothing routed before it is healthy.** An instance starts in the runtime, is watched by
+  the :class:`~scaler.health.HealthChecker`, and only when healthy becomes ``ready``; then the
+  ingress gets the full list (ready plus draining) with ``put_instances``. Pushes are
+  serialised in one task that always sends the latest list, so a slow push never lands after
+  a newer one.
+- **Drain before stop.** A removed instance is set ``draining`` at the ingress first (no new
+  requests), and stopped in the runtime only after the ingress reports it drained or the
+  drain time (the service's ``request_timeout``) runs out. Starting instances are removed
+  first (they serve nothing), then the least loaded, newest ready ones.
+- **Cold start at once.** A cold-start event with nothing starting or ready starts one
+  instance without waiting for the next stats tick.
+- **Replacement with back-off.** An instance that exits unasked, fails its health check, or
+  never becomes healthy is replaced. Start failures in a row (the runtime refused, or the
+  instance died or timed out before its first healthy check) delay the next start by 1 s,
+  2 s, 4 s ... up to 60 s; the count resets once an instance becomes healthy. The back-off
+  is visible in :meth:`ServiceController.status`.
+- **Time is injected.** ``clock`` gives the back-off's time; the stats' own timestamps drive
+  the window and decide(). Timers only wake the controller up: what it then does is decided
+  from the clock, so tests advance a fake clock and call :meth:`ServiceController.reconcile`.
+
+Every change of the desired count is logged with decide()'s reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from ingress.control import ControlClient, ControlError
+from ingress.messages import (
+    ColdStartEvent,
+    DrainedEvent,
+    InstanceSpec,
+    ServiceStats,
+    StatsEvent,
+)
+from scaler.decide import DecideState, Observed, decide
+from scaler.health import HealthChange, HealthChecker
+from scaler.lifecycle import Event, InstanceState, transition
+from scaler.runtime import LaunchError, LaunchSpec, Runtime, RuntimeEvent
+from scaler.spec import ServiceSpec, SpecError, resolve_secrets, routing_for
+from scaler.window import Window
+
+__all__ = [
+    "BACKOFF_CAP",
+    "BACKOFF_FIRST",
+    "ServiceController",
+    "dispatch_control_events",
+    "dispatch_runtime_events",
+]
+
+_log = logging.getLogger("tidegate.scaler")
+
+BACKOFF_FIRST = 1.0  # seconds before the start after a first failed one
+BACKOFF_CAP = 60.0  # seconds at most between start attempts
+STOP_GRACE = 10.0  # seconds between SIGTERM and kill when an instance is stopped
+_RESUBSCRIBE_DELAY = 1.0  # seconds before subscribing again after the ingress ended it
+
+_S = InstanceState
+
+
+@dataclass(eq=False)
+class _Instance:
+    id: str
+    state: InstanceState
+    created: float  # the controller's clock when the start was asked for
+    address: str | None = None  # known once the runtime has started it
+    launched: bool = False  # the runtime has it (stop() must be called to remove it)
+    drain_timer: asyncio.TimerHandle | None = None
+
+
+def backoff_delay(failures: int) -> float:
+    """Seconds to wait before the next start after ``failures`` failed starts in a row."""
+    if failures <= 0:
+        return 0.0
+    return min(BACKOFF_CAP, BACKOFF_FIRST * 2.0 ** min(failures - 1, 30))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (bound to port 0, then closed)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class ServiceController:
+    """Runs one service's instances: starts, health-gates, drains, stops and replaces them.
+
+    ``workdir`` is the directory the process runtime runs the command in (the service file's);
+    ``environ`` is where ``secrets: {env: ...}`` are read from; ``drain_timeout`` defaults to
+    the service's ``request_timeout``, the longest an in-flight request may last.
+    """
+
+    def __init__(
+        self,
+        spec: ServiceSpec,
+        runtime: Runtime,
+        control: ControlClient,
+        health: HealthChecker,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        log: logging.Logger = _log,
+        workdir: str | None = None,
+        environ: Mapping[str, str] = os.environ,
+        drain_timeout: float | None = None,
+        stop_grace: float = STOP_GRACE,
+    ) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self._runtime = runtime
+        self._control = control
+        self._health = health
+        self._clock = clock
+        self._log = log
+        self._workdir = workdir
+        self._environ = environ
+        self._drain_timeout = spec.request_timeout if drain_timeout is None else drain_timeout
+        self._stop_grace = stop_grace
+        self._revision = spec.spec_hash()
+        self._instances: dict[str, _Instance] = {}
+        self._window = Window()
+        self._decide_state = DecideState(desired=spec.autoscaling.min_size)
+        self._desired = spec.autoscaling.min_size
+        self._last_reason = f"start: min_size {spec.autoscaling.min_size}"
+        self._last_arrivals: int | None = None
+        self._inflight: dict[str, int] = {}
+        self._failures = 0
+        self._retry_at = 0.0
+        self._last_error: str | None = None
+        self._retry_timer: asyncio.TimerHandle | None = None
+        self._cold_start_at: float | None = None
+        self._last_cold_start: float | None = None
+        self._scale_events = {"up": 0, "down": 0}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._pusher: asyncio.Task[None] | None = None
+        self._push_dirty = False
+        self._started = False
+        self._closing = False
+        self._detached = False  # stopping without the ingress: nothing more is pushed
+        self._gone = asyncio.Event()
+
+    # -- the public surface ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Put the service's routing (no instances yet) at the ingress, then start min_size."""
+        self._started = True
+        await self._control.put_service(routing_for(self.spec, []))
+        self._log.info(
+            "%s: starting with min_size %d (max %d, %d per instance)",
+            self.name,
+            self.spec.autoscaling.min_size,
+            self.spec.autoscaling.max_size,
+            self.spec.autoscaling.max_concurrency,
+        )
+        self.reconcile()
+
+    def on_stats(self, stats: ServiceStats, now: float) -> None:
+        """A stats sample (``now`` on the ingress's clock): window, decide, apply."""
+        if self._closing:
+            return
+        previous = self._last_arrivals
+        arrivals = 0 if previous is None else stats.arrivals - previous
+        if arrivals < 0:  # the ingress restarted its counters
+            arrivals = stats.arrivals
+        self._last_arrivals = stats.arrivals
+        self._window.add(now, stats.inflight, stats.queued, arrivals=arrivals)
+        self._inflight = {i.id: i.inflight for i in stats.instances}
+        window = self._window
+        observed = Observed(
+            stable_avg=window.stable_average(now),
+            panic_avg=window.panic_average(now),
+            current_demand=window.current_demand,
+            ready=self._count(_S.READY),
+            starting=self._count(_S.STARTING),
+            last_request_time=window.last_request_time,
+        )
+        decision, self._decide_state = decide(
+            observed, self.spec.autoscaling, self._decide_state, now
+        )
+        self._set_desired(decision.desired, decision.reason)
+        self.reconcile()
+
+    def on_cold_start(self) -> None:
+        """A request is held with no instance to take it: start one now unless one is coming."""
+        if self._closing:
+            return
+        if self._count(_S.STARTING) or self._count(_S.READY):
+            return
+        if self._cold_start_at is None:
+            self._cold_start_at = self._clock()
+        if self._desired < 1:
+            self._decide_state = msgspec.structs.replace(self._decide_state, desired=1)
+            self._set_desired(1, "cold start: a request is waiting with no instance")
+        self.reconcile()
+
+    def on_drained(self, instance_id: str) -> None:
+        """The ingress has nothing in flight on this instance any more."""
+        inst = self._instances.get(instance_id)
+        if inst is not None and inst.state is _S.DRAINING:
+            self._log.info("%s: %s drained", self.name, instance_id)
+            self._stop_instance(inst, Event.DRAINED)
+
+    def on_runtime_event(self, event: RuntimeEvent) -> None:
+        """An instance exited (or was removed) in the runtime: replace it if it was not asked."""
+        inst = self._instances.get(event.instance_id)
+        if inst is None or inst.state in (_S.STOPPING, _S.STOPPED, _S.FAILED):
+            return
+        was = inst.state
+        self._health.unwatch(inst.id)
+        self._cancel_drain_timer(inst)
+        inst.state = transition(inst.state, Event.EXITED)
+        code = "unknown" if event.exit_code is None else str(event.exit_code)
+        reason = f"{inst.id} {event.kind} unasked (exit code {code}) while {was}"
+        if was is _S.STARTING:
+            self._start_failed(reason)
+        elif was is _S.READY:
+            self._log.warning("%s: %s: replacing it", self.name, reason)
+        else:
+            self._log.info("%s: %s", self.name, reason)
+        if was in (_S.READY, _S.DRAINING):
+            self._push()
+        self._stop_instance(inst, Event.STOP)
+        self.reconcile()
+
+    def reconcile(self) -> None:
+        """Start or remove instances until the active ones (starting + ready) match desired."""
+        if self._closing or not self._started:
+            return
+        active = [i for i in self._instances.values() if i.state in (_S.STARTING, _S.READY)]
+        missing = self._desired - len(active)
+        if missing > 0:
+            wait = self._retry_at - self._clock()
+            if wait > 0:
+                self._arm_retry(wait)
+                return
+            for _ in range(missing):
+                self._launch()
+        elif missing < 0:
+            self._remove(active, -missing)
+
+    def status(self) -> dict[str, object]:
+        """What the controller is doing, for `tidegate status` and logs."""
+        states: dict[str, int] = {state.value: 0 for state in InstanceState}
+        for inst in self._instances.values():
+            states[inst.state.value] += 1
+        retry_in = max(0.0, self._retry_at - self._clock())
+        return {
+            "service": self.name,
+            "desired": self._desired,
+            "reason": self._last_reason,
+            "instances": {i.id: i.state.value for i in self._instances.values()},
+            "ready": states[_S.READY],
+            "starting": states[_S.STARTING],
+            "draining": states[_S.DRAINING],
+            "stopping": states[_S.STOPPING],
+            "start_failures": self._failures,
+            "backoff_seconds": backoff_delay(self._failures),
+            "retry_in": retry_in,
+            "last_error": self._last_error,
+            "last_cold_start_seconds": self._last_cold_start,
+            "scale_events": dict(self._scale_events),
+        }
+
+    async def flush(self) -> None:
+        """Wait until the latest instance list has been sent to the ingress."""
+        while self._pusher is not None and not self._pusher.done():
+            await asyncio.shield(self._pusher)
+
+    async def stop(self, *, drain: bool = True) -> None:
+        """Stop every instance this controller started; with ``drain``, ready ones are drained
+        at the ingress first (without, the caller has already drained the ingress)."""
+        self._closing = True
+        self._detached = not drain
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
+        for inst in list(self._instances.values()):
+            if inst.state is _S.READY and drain:
+                self._drain(inst, "shutting down")
+            elif inst.state is not _S.STOPPING and (
+                drain is False or inst.state is not _S.DRAINING
+            ):
+                self._stop_instance(inst, Event.STOP)
+        if drain:
+            self._push()
+        if self._instances:
+            self._gone.clear()
+            limit = (self._drain_timeout if drain else 0.0) + self._stop_grace + 5.0
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(limit):
+                    await self._gone.wait()
+        for inst in list(self._instances.values()):  # past every deadline: remove what is left
+            self._cancel_drain_timer(inst)
+            self._health.unwatch(inst.id)
+            with contextlib.suppress(LaunchError):
+                await self._runtime.stop(inst.id, grace=0.0)
+        self._instances.clear()
+        tasks = list(self._tasks)
+        if self._pusher is not None:
+            tasks.append(self._pusher)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- deciding what to change -----------------------------------------------------------
+
+    def _count(self, state: InstanceState) -> int:
+        return sum(1 for i in self._instances.values() if i.state is state)
+
+    def _set_desired(self, desired: int, reason: str) -> None:
+        if desired == self._desired:
+            self._log.debug("%s: %s", self.name, reason)
+            return
+        direction = "up" if desired > self._desired else "down"
+        self._scale_events[direction] += 1
+        self._log.info(
+            "%s: scale %s %d -> %d: %s", self.name, direction, self._desired, desired, reason
+        )
+        self._desired = desired
+        self._last_reason = reason
+
+    def _remove(self, active: list[_Instance], count: int) -> None:
+        """Remove ``count`` instances: starting ones first, then the least loaded, newest."""
+        starting = sorted((i for i in active if i.state is _S.STARTING), key=lambda i: -i.created)
+        ready = sorted(
+            (i for i in active if i.state is _S.READY),
+            key=lambda i: (self._inflight.get(i.id, 0), -i.created),
+        )
+        for inst in (starting + ready)[:count]:
+            if inst.state is _S.STARTING:
+                self._log.info("%s: %s is not needed any more: stopping it", self.name, inst.id)
+                self._stop_instance(inst, Event.STOP)
+            else:
+                self._drain(inst, f"scale down to {self._desired}")
+        self._push()
+
+    # -- starting ----------------------------------------------------------------------------
+
+    def _launch(self) -> None:
+        instance_id = f"{self.name}-{secrets.token_hex(3)}"
+        while instance_id in self._instances:
+            instance_id = f"{self.name}-{secrets.token_hex(3)}"
+        inst = _Instance(instance_id, _S.STARTING, self._clock())
+        self._instances[instance_id] = inst
+        self._spawn(self._start_instance(inst), f"start {instance_id}")
+
+    def _launch_spec(self, instance_id: str) -> LaunchSpec:
+        spec = self.spec
+        values = resolve_secrets(spec, self._environ)
+        own_port = spec.runtime == "process" or spec.network.mode == "host"
+        port = free_port() if own_port else spec.port
+        env = dict(spec.env)
+        env.update(values)
+        env["PORT"] = str(port)
+        env["TIDEGATE_SERVICE"] = spec.name
+        env["TIDEGATE_INSTANCE"] = instance_id
+        return LaunchSpec(
+            service=spec.name,
+            revision=self._revision,
+            instance_id=instance_id,
+            image=spec.image,
+            command=spec.command or (),
+            env=env,
+            port=port,
+            network_mode=spec.network.mode,
+            networks=spec.network.networks,
+            cpu=spec.instance.cpu,
+            memory=spec.instance.memory,
+            workdir=self._workdir,
+            secret_names=tuple(values),
+        )
+
+    async def _start_instance(self, inst: _Instance) -> None:
+        try:
+            launch = self._launch_spec(inst.id)
+            info = await self._runtime.start(launch)
+        except (LaunchError, SpecError, OSError) as exc:
+            if inst.state is _S.STARTING:
+                self._start_failed(f"{inst.id} could not start: {exc}")
+            self._forget(inst)
+            self.reconcile()
+            return
+        inst.launched = True
+        if inst.state is not _S.STARTING:  # removed, or shutting down, while it started
+            self._spawn(self._stop_in_runtime(inst), f"stop {inst.id}")
+            return
+        if info.state != "running" or info.address is None:
+            inst.state = transition(inst.state, Event.EXITED)
+            why = info.error or f"exit code {info.exit_code}"
+            self._start_failed(f"{inst.id} exited at once ({why})")
+            self._stop_instance(inst, Event.STOP)
+            self.reconcile()
+            return
+        inst.address = info.address
+        self._log.info("%s: started %s at %s", self.name, inst.id, info.address)
+        self._health.watch(inst.id, info.address, self.spec.health_check, self._on_health)
+
+    def _start_failed(self, reason: str) -> None:
+        self._failures += 1
+        delay = backoff_delay(self._failures)
+        self._retry_at = self._clock() + delay
+        self._last_error = reason
+        self._log.warning(
+            "%s: %s (%d failed start(s) in a row: next start in %gs)",
+            self.name,
+            reason,
+            self._failures,
+            delay,
+        )
+
+    def _arm_retry(self, wait: float) -> None:
+        if self._retry_timer is not None:
+            return
+        loop = asyncio.get_running_loop()
+
+        def fire() -> None:
+            self._retry_timer = None
+            self.reconcile()
+
+        self._retry_timer = loop.call_later(wait, fire)
+
+    def _on_health(self, instance_id: str, change: HealthChange, detail: str) -> None:
+        inst = self._instances.get(instance_id)
+        if inst is None:
+            return
+        if change is HealthChange.HEALTHY:
+            if inst.state is not _S.STARTING:
+                return
+            inst.state = transition(inst.state, change.event)
+            self._failures = 0
+            self._retry_at = 0.0
+            took = self._clock() - inst.created
+            self._log.info("%s: %s is ready (%.3fs after start)", self.name, inst.id, took)
+            if self._cold_start_at is not None:
+                self._last_cold_start = self._clock() - self._cold_start_at
+                self._cold_start_at = None
+            self._push()
+            self.reconcile()  # the desired count may have dropped meanwhile
+        elif change is HealthChange.UNHEALTHY:
+            if inst.state is not _S.READY:
+                return
+            self._log.warning("%s: %s is unhealthy (%s): replacing it", self.name, inst.id, detail)
+            self._health.unwatch(inst.id)
+            self._drain(inst, "unhealthy", Event.UNHEALTHY)
+            self._push()
+            self.reconcile()
+        elif change is HealthChange.START_TIMEOUT:
+            if inst.state is not _S.STARTING:
+                return
+            inst.state = transition(inst.state, change.event)
+            self._start_failed(f"{inst.id} was not healthy in time ({detail})")
+            self._stop_instance(inst, Event.STOP)
+            self.reconcile()
+
+    # -- draining and stopping -------------------------------------------------------------
+
+    def _drain(self, inst: _Instance, why: str, event: Event = Event.DRAIN) -> None:
+        inst.state = transition(inst.state, event)
+        self._log.info("%s: draining %s (%s)", self.name, inst.id, why)
+        loop = asyncio.get_running_loop()
+        inst.drain_timer = loop.call_later(self._drain_timeout, self._on_drain_timeout, inst)
+
+    def _on_drain_timeout(self, inst: _Instance) -> None:
+        inst.drain_timer = None
+        if inst.state is _S.DRAINING:
+            self._log.warning(
+                "%s: %s still busy after %gs of draining: stopping it",
+                self.name,
+                inst.id,
+                self._drain_timeout,
+            )
+            self._stop_instance(inst, Event.DRAIN_TIMEOUT)
+
+    def _cancel_drain_timer(self, inst: _Instance) -> None:
+        if inst.drain_timer is not None:
+            inst.drain_timer.cancel()
+            inst.drain_timer = None
+
+    def _stop_instance(self, inst: _Instance, event: Event) -> None:
+        """Move the instance to stopping; stop it in the runtime once the runtime has it."""
+        was = inst.state
+        inst.state = transition(inst.state, event)
+        self._cancel_drain_timer(inst)
+        self._health.unwatch(inst.id)
+        if was in (_S.READY, _S.DRAINING):
+            self._push()
+        if inst.launched and was is not _S.STOPPING:
+            self._spawn(self._stop_in_runtime(inst), f"stop {inst.id}")
+        # not launched yet: _start_instance stops it when the runtime returns
+
+    async def _stop_in_runtime(self, inst: _Instance) -> None:
+        try:
+            await self._runtime.stop(inst.id, grace=self._stop_grace)
+        except LaunchError as exc:
+            self._log.warning("%s: stopping %s failed: %s", self.name, inst.id, exc)
+        else:
+            self._log.info("%s: stopped %s", self.name, inst.id)
+        if inst.state is _S.STOPPING:
+            inst.state = transition(inst.state, Event.EXITED)
+        self._forget(inst)
+        self.reconcile()
+
+    def _forget(self, inst: _Instance) -> None:
+        if self._instances.get(inst.id) is inst:
+            del self._instances[inst.id]
+        if not self._instances:
+            self._gone.set()
+
+    # -- talking to the ingress ------------------------------------------------------------
+
+    def _push(self) -> None:
+        """Send the current instance list soon; one push at a time, always the latest."""
+        if self._detached:
+            return
+        self._push_dirty = True
+        if self._pusher is None or self._pusher.done():
+            self._pusher = asyncio.get_running_loop().create_task(
+                self._push_loop(), name=f"push {self.name}"
+            )
+
+    async def _push_loop(self) -> None:
+        while self._push_dirty:
+            self._push_dirty = False
+            instances = [
+                InstanceSpec(
+                    id=i.id, address=i.address, state="ready" if i.state is _S.READY else "draining"
+                )
+                for i in self._instances.values()
+                if i.state in (_S.READY, _S.DRAINING) and i.address is not None
+            ]
+            try:
+                await self._control.put_instances(self.name, instances)
+            except ControlError as exc:
+                if exc.status == 404:  # the ingress lost the service (restarted): put it again
+                    with contextlib.suppress(ControlError):
+                        await self._control.put_service(routing_for(self.spec, instances))
+                        continue
+                self._log.warning(
+                    "%s: telling the ingress the instances failed: %s", self.name, exc
+                )
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._log.error("%s: %s failed", self.name, task.get_name(), exc_info=task.exception())
+
+
+# -- feeding controllers --------------------------------------------------------------------
+
+
+async def dispatch_control_events(
+    control: ControlClient,
+    controllers: Mapping[str, ServiceController],
+    *,
+    stats: bool = True,
+    resubscribe_delay: float = _RESUBSCRIBE_DELAY,
+    closing: asyncio.Event | None = None,
+) -> None:
+    """Subscribe to the ingress and hand each event to its service's controller, until
+    cancelled; a subscription the ingress ends is taken up again. ``stats=False`` drops the
+    stats stream (tests that feed :meth:`ServiceController.on_stats` themselves). Once
+    ``closing`` is set, the ingress ending the subscription ends this quietly."""
+    while True:
+        try:
+            async for event in control.subscribe():
+                if isinstance(event, StatsEvent):
+                    if not stats:
+                        continue
+                    now = event.snapshot.time
+                    for service in event.snapshot.services:
+                        controller = controllers.get(service.name)
+                        if controller is not None:
+                            controller.on_stats(service, now)
+                elif isinstance(event, ColdStartEvent):
+                    controller = controllers.get(event.service)
+                    if controller is not None:
+                        controller.on_cold_start()
+                elif isinstance(event, DrainedEvent):
+                    controller = controllers.get(event.service)
+                    if controller is not None:
+                        controller.on_drained(event.instance)
+            return  # the client was closed
+        except ControlError as exc:
+            if closing is not None and closing.is_set():
+                return
+            _log.warning("control subscription ended: %s; subscribing again", exc)
+        await asyncio.sleep(resubscribe_delay)
+
+
+async def dispatch_runtime_events(
+    runtime: Runtime, controllers: Mapping[str, ServiceController]
+) -> None:
+    """Hand the runtime's exits and removals to their service's controller, until it closes."""
+    async for event in runtime.events():
+        controller = controllers.get(event.service)
+        if controller is not None:
+            controller.on_runtime_event(event)

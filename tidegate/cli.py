@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from ingress import cli as ingress_cli
+from scaler import up as scaler_up
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     ingress_cli.add_parser(subparsers)
+    scaler_up.add_parser(subparsers)
     return parser
 
 

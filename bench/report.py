@@ -116,7 +116,8 @@ def machine_info(tools: Mapping[str, str]) -> dict[str, Any]:
         "cpu_model": _cpu_model(),
         "nproc": len(os.sched_getaffinity(0)),
         "cpu_count": os.cpu_count(),
-        "kernel": platform.release(),
+        # major.minor only: what matters for networking, not the build of one machine
+        "kernel": ".".join(platform.release().split(".")[:2]),
         "versions": {
             # nginx prints its version on stderr; wrk has no version flag but -v prints its
             # banner (and exits 1).
@@ -134,8 +135,12 @@ def machine_info(tools: Mapping[str, str]) -> dict[str, Any]:
 # --- formatting ----------------------------------------------------------------------------
 
 
+_REPO = str(Path(__file__).resolve().parent.parent)
+
+
 def _shell(argv: Sequence[str]) -> str:
-    return shlex.join(argv)
+    # paths inside the checkout are shown relative to it, so results read the same anywhere
+    return shlex.join(a.replace(_REPO + "/", "") for a in argv)
 
 
 def _fmt_ratio(value: float | None) -> str:

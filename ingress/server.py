@@ -91,8 +91,13 @@ class Ingress:
         *,
         sockets: list[socket.socket] | None = None,
         tls_sockets: list[socket.socket] | None = None,
+        mark_ready: bool = True,
     ) -> None:
-        """Listen (binding unless sockets are handed in), then serve the control API."""
+        """Listen (binding unless sockets are handed in), then serve the control API.
+
+        `mark_ready=False` leaves /-/ready at 503 until set_ready(): for a caller that loads
+        its services through the control API after this returns (`tidegate up`).
+        """
         settings = self.settings
         loop = self._loop
         tls_context = self._tls_context()
@@ -127,6 +132,10 @@ class Ingress:
             self.control = ControlServer(self.router, settings.control_socket)
             await self.control.start()
         self._schedule_housekeeping()
+        self._ready = mark_ready
+
+    def set_ready(self) -> None:
+        """/-/ready answers 200 from now on: the configuration is loaded."""
         self._ready = True
 
     def _tls_context(self) -> ssl.SSLContext | None:

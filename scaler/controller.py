@@ -20,6 +20,12 @@ Collector -> decider -> actuator: the :class:`~scaler.window.Window` collects de
   instance died or timed out before its first healthy check) delay the next start by 1 s,
   2 s, 4 s ... up to 60 s; the count resets once an instance becomes healthy. The back-off
   is visible in :meth:`ServiceController.status`.
+- **Adoption on restart.** :meth:`ServiceController.start` first lists the runtime's
+  instances of its service (they carry the service and revision labels): running ones are
+  taken over and health-gated like new ones, so a restarted scaler starts no duplicate;
+  exited ones are removed. Running ones of another revision keep serving while instances of
+  the current one start, and are drained and stopped once those are ready. Instances of a
+  service that no longer has a file are removed by :func:`remove_orphans`.
 - **Time is injected.** ``clock`` gives the back-off's time; the stats' own timestamps drive
   the window and decide(). Timers only wake the controller up: what it then does is decided
   from the clock, so tests advance a fake clock and call :meth:`ServiceController.reconcile`.
@@ -63,6 +69,7 @@ __all__ = [
     "ServiceController",
     "dispatch_control_events",
     "dispatch_runtime_events",
+    "remove_orphans",
 ]
 
 _log = logging.getLogger("tidegate.scaler")
@@ -83,6 +90,8 @@ class _Instance:
     address: str | None = None  # known once the runtime has started it
     launched: bool = False  # the runtime has it (stop() must be called to remove it)
     drain_timer: asyncio.TimerHandle | None = None
+    adopted: bool = False  # found running at start, left by an earlier scaler
+    outdated: bool = False  # of another revision: serves until the current one is ready
 
 
 def backoff_delay(failures: int) -> float:
@@ -158,9 +167,11 @@ class ServiceController:
     # -- the public surface ------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Put the service's routing (no instances yet) at the ingress, then start min_size."""
+        """Put the service's routing (no instances yet) at the ingress, adopt the instances an
+        earlier scaler left running, then start what min_size still lacks."""
         self._started = True
         await self._control.put_service(routing_for(self.spec, []))
+        await self._adopt()
         self._log.info(
             "%s: starting with min_size %d (max %d, %d per instance)",
             self.name,
@@ -227,7 +238,7 @@ class ServiceController:
         inst.state = transition(inst.state, Event.EXITED)
         code = "unknown" if event.exit_code is None else str(event.exit_code)
         reason = f"{inst.id} {event.kind} unasked (exit code {code}) while {was}"
-        if was is _S.STARTING:
+        if was is _S.STARTING and not inst.adopted:
             self._start_failed(reason)
         elif was is _S.READY:
             self._log.warning("%s: %s: replacing it", self.name, reason)
@@ -239,10 +250,16 @@ class ServiceController:
         self.reconcile()
 
     def reconcile(self) -> None:
-        """Start or remove instances until the active ones (starting + ready) match desired."""
+        """Start or remove instances until the active ones (starting + ready) match desired;
+        retire instances of another revision once the current ones are all ready."""
         if self._closing or not self._started:
             return
-        active = [i for i in self._instances.values() if i.state in (_S.STARTING, _S.READY)]
+        active = [
+            i
+            for i in self._instances.values()
+            if i.state in (_S.STARTING, _S.READY) and not i.outdated
+        ]
+        self._retire_outdated()
         missing = self._desired - len(active)
         if missing > 0:
             wait = self._retry_at - self._clock()
@@ -321,7 +338,8 @@ class ServiceController:
     # -- deciding what to change -----------------------------------------------------------
 
     def _count(self, state: InstanceState) -> int:
-        return sum(1 for i in self._instances.values() if i.state is state)
+        """Instances of the current revision in ``state``."""
+        return sum(1 for i in self._instances.values() if i.state is state and not i.outdated)
 
     def _set_desired(self, desired: int, reason: str) -> None:
         if desired == self._desired:
@@ -348,6 +366,70 @@ class ServiceController:
                 self._stop_instance(inst, Event.STOP)
             else:
                 self._drain(inst, f"scale down to {self._desired}")
+        self._push()
+
+    # -- adopting what an earlier scaler left ---------------------------------------------
+
+    async def _adopt(self) -> None:
+        """Take over this service's running instances; remove its exited ones."""
+        try:
+            found = await self._runtime.list()
+        except LaunchError as exc:
+            self._log.warning("%s: listing existing instances failed: %s", self.name, exc)
+            return
+        adopted = 0
+        for info in found:
+            if info.service != self.name or info.instance_id in self._instances:
+                continue
+            if info.state != "running" or info.address is None:
+                self._log.info("%s: removing %s left %s", self.name, info.instance_id, info.state)
+                try:
+                    await self._runtime.stop(info.instance_id, grace=0.0)
+                except LaunchError as exc:
+                    self._log.warning(
+                        "%s: removing %s failed: %s", self.name, info.instance_id, exc
+                    )
+                continue
+            outdated = info.revision != self._revision
+            inst = _Instance(
+                info.instance_id,
+                _S.STARTING,
+                self._clock(),
+                address=info.address,
+                launched=True,
+                adopted=True,
+                outdated=outdated,
+            )
+            self._instances[inst.id] = inst
+            adopted += 1
+            self._log.info(
+                "%s: adopted %s at %s%s",
+                self.name,
+                inst.id,
+                info.address,
+                f" (revision {info.revision}: to be replaced)" if outdated else "",
+            )
+            self._health.watch(inst.id, info.address, self.spec.health_check, self._on_health)
+        # the earlier scaler's count stands until decide() says otherwise
+        scaling = self.spec.autoscaling
+        desired = min(scaling.max_size, max(scaling.min_size, adopted))
+        if desired != self._desired:
+            self._decide_state = msgspec.structs.replace(self._decide_state, desired=desired)
+            self._set_desired(desired, f"start: {adopted} running instance(s) adopted")
+
+    def _retire_outdated(self) -> None:
+        """Drain instances of another revision once the current ones are ready and enough."""
+        outdated = [
+            i for i in self._instances.values() if i.outdated and i.state in (_S.STARTING, _S.READY)
+        ]
+        if not outdated or self._count(_S.STARTING) or self._count(_S.READY) < self._desired:
+            return
+        for inst in outdated:
+            if inst.state is _S.READY:
+                self._drain(inst, "replaced by the current revision")
+            else:
+                self._log.info("%s: %s is replaced before it was ready", self.name, inst.id)
+                self._stop_instance(inst, Event.STOP)
         self._push()
 
     # -- starting ----------------------------------------------------------------------------
@@ -443,8 +525,9 @@ class ServiceController:
             if inst.state is not _S.STARTING:
                 return
             inst.state = transition(inst.state, change.event)
-            self._failures = 0
-            self._retry_at = 0.0
+            if not inst.adopted:  # only a start of ours ends the back-off
+                self._failures = 0
+                self._retry_at = 0.0
             took = self._clock() - inst.created
             self._log.info("%s: %s is ready (%.3fs after start)", self.name, inst.id, took)
             if self._cold_start_at is not None:
@@ -464,7 +547,11 @@ class ServiceController:
             if inst.state is not _S.STARTING:
                 return
             inst.state = transition(inst.state, change.event)
-            self._start_failed(f"{inst.id} was not healthy in time ({detail})")
+            reason = f"{inst.id} was not healthy in time ({detail})"
+            if inst.adopted:  # not a start of ours: no back-off
+                self._log.warning("%s: %s: replacing it", self.name, reason)
+            else:
+                self._start_failed(reason)
             self._stop_instance(inst, Event.STOP)
             self.reconcile()
 
@@ -616,3 +703,28 @@ async def dispatch_runtime_events(
         controller = controllers.get(event.service)
         if controller is not None:
             controller.on_runtime_event(event)
+
+
+async def remove_orphans(
+    runtime: Runtime, known_services: set[str], log: logging.Logger
+) -> list[str]:
+    """Stop every instance in ``runtime`` whose service has no file any more; returns their
+    ids. Run before the controllers start, so a service removed while the scaler was down
+    leaves nothing behind."""
+    try:
+        found = await runtime.list()
+    except LaunchError as exc:
+        log.warning("listing instances to find orphans failed: %s", exc)
+        return []
+    removed = []
+    for info in found:
+        if info.service in known_services:
+            continue
+        log.info("removing %s: its service %s has no file any more", info.instance_id, info.service)
+        try:
+            await runtime.stop(info.instance_id, grace=STOP_GRACE)
+        except LaunchError as exc:
+            log.warning("removing %s failed: %s", info.instance_id, exc)
+            continue
+        removed.append(info.instance_id)
+    return removed

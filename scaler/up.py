@@ -8,8 +8,11 @@ mode exercises exactly the API a separate scaler uses. Per service there is one
 per runtime feeds them the runtime's.
 
 Files are loaded and checked before anything starts: a bad file exits 1 with its one-line
-message. On SIGTERM or SIGINT the ingress stops accepting and lets in-flight requests finish
-(``--drain-timeout``), then every instance started here is stopped, and the exit status is 0.
+message. Instances outlive a crashed `tidegate up`: the next run adopts the running ones of
+each service (the process runtime keeps its records in ``--state-dir``) and removes those of
+services whose file is no longer given. On SIGTERM or SIGINT the ingress stops accepting
+and lets in-flight requests finish (``--drain-timeout``), then every instance started here
+is stopped, and the exit status is 0.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import os
 import signal
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import msgspec
@@ -33,6 +37,7 @@ from scaler.controller import (
     ServiceController,
     dispatch_control_events,
     dispatch_runtime_events,
+    remove_orphans,
 )
 from scaler.health import HealthChecker
 from scaler.runtime import Runtime
@@ -52,6 +57,15 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "drains in-flight requests, stops the instances started here and exits 0.",
     )
     parser.add_argument("files", nargs="+", metavar="FILE", help="service files (YAML)")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="where the process runtime keeps its instance records, so a restart adopts "
+        "them (default $STATE_DIRECTORY, else /var/lib/tidegate as root, else "
+        "~/.local/state/tidegate)",
+    )
     add_common_flags(parser)
     parser.set_defaults(func=run)
 
@@ -75,15 +89,34 @@ def run(args: argparse.Namespace) -> int:
         print(f"tidegate up: {exc}", file=sys.stderr)
         return 1
     workdirs = [str(Path(path).resolve().parent) for path in args.files]
+    state_dir = args.state_dir if args.state_dir is not None else default_state_dir()
     try:
-        return run_loop(up(settings, specs, workdirs))
+        return run_loop(up(settings, specs, workdirs, state_dir=state_dir))
     except (OSError, ValueError, ControlSocketError, ControlError) as exc:
         print(f"tidegate up: {exc}", file=sys.stderr)
         return 1
 
 
-async def up(settings: IngressSettings, specs: list[ServiceSpec], workdirs: list[str]) -> int:
-    """Serve ``specs`` (``workdirs``: each service file's directory) until SIGTERM/SIGINT."""
+def default_state_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    """$STATE_DIRECTORY (set by systemd's StateDirectory=; the first of several), else
+    /var/lib/tidegate when run as root, else ~/.local/state/tidegate."""
+    given = environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if given:
+        return Path(given)
+    if os.geteuid() == 0:
+        return Path("/var/lib/tidegate")
+    return Path.home() / ".local" / "state" / "tidegate"
+
+
+async def up(
+    settings: IngressSettings,
+    specs: list[ServiceSpec],
+    workdirs: list[str],
+    *,
+    state_dir: Path,
+) -> int:
+    """Serve ``specs`` (``workdirs``: each service file's directory) until SIGTERM/SIGINT;
+    the process runtime keeps its records under ``state_dir``."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -93,7 +126,9 @@ async def up(settings: IngressSettings, specs: list[ServiceSpec], workdirs: list
         settings = msgspec.structs.replace(settings, control_socket=socket_path)
         ingress = Ingress(settings)
         try:
-            await ingress.start()
+            # not ready (503 on /-/ready) until the services are put: before that, every
+            # request would get a 404
+            await ingress.start(mark_ready=False)
         except BaseException:
             await ingress.close()
             raise
@@ -106,10 +141,13 @@ async def up(settings: IngressSettings, specs: list[ServiceSpec], workdirs: list
             for spec, workdir in zip(specs, workdirs, strict=True):
                 runtime = runtimes.get(spec.runtime)
                 if runtime is None:
-                    runtime = runtimes[spec.runtime] = _make_runtime(spec.runtime, Path(tmp))
+                    runtime = runtimes[spec.runtime] = _make_runtime(spec.runtime, state_dir)
                 controllers[spec.name] = ServiceController(
                     spec, runtime, control, health, workdir=workdir
                 )
+            known = {spec.name for spec in specs}
+            for runtime in runtimes.values():
+                await remove_orphans(runtime, known, log)
             tasks.append(
                 loop.create_task(dispatch_control_events(control, controllers, closing=stop))
             )
@@ -117,6 +155,7 @@ async def up(settings: IngressSettings, specs: list[ServiceSpec], workdirs: list
                 tasks.append(loop.create_task(dispatch_runtime_events(runtime, controllers)))
             for controller in controllers.values():
                 await controller.start()
+            ingress.set_ready()
             _print_addresses(ingress, settings, specs)
             log.info("ready (pid %d)", os.getpid())
             await stop.wait()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +22,11 @@ from scaler.controller import (
     backoff_delay,
     dispatch_control_events,
     dispatch_runtime_events,
+    remove_orphans,
 )
 from scaler.health import HealthChecker
 from scaler.runtime import InstanceInfo, LaunchSpec
-from scaler.runtimes.fake import FakeRuntime
+from scaler.runtimes.fake import FakeHost, FakeRuntime
 from scaler.spec import AutoscalingSpec, HealthCheckSpec, ServiceSpec
 from tests.backends import running_backends
 from tests.conftest import running_ingress, url, wait_for
@@ -35,15 +37,15 @@ WAIT = 10.0  # seconds for a condition that takes milliseconds when things work
 class BackendRuntime(FakeRuntime):
     """A FakeRuntime whose instances answer at real backends' addresses, taken in turn."""
 
-    def __init__(self, addresses: list[str]) -> None:
-        super().__init__()
+    def __init__(self, addresses: list[str], host: FakeHost | None = None) -> None:
+        super().__init__(host)
         self.addresses = addresses
         self.attempts = 0  # start() calls, failed ones included
 
     async def start(self, spec: LaunchSpec) -> InstanceInfo:
         self.attempts += 1
         info = await super().start(spec)
-        address = self.addresses[(self.host.started - 1) % len(self.addresses)]
+        address = self.addresses[(len(self.launched) - 1) % len(self.addresses)]
         info = msgspec.structs.replace(info, address=address)
         self.host.instances[spec.instance_id] = info
         return info
@@ -83,8 +85,12 @@ async def harness(
     *,
     stats: bool = True,
     clock: Callable[[], float] | None = None,
+    crash: bool = False,
 ) -> AsyncIterator[Harness]:
-    """The controller for `spec` wired to an ingress and the event streams; all stopped on exit."""
+    """The controller for `spec` wired to an ingress and the event streams; all stopped on exit.
+    With `crash`, the runtime is closed first, so the instances outlive the controller as
+    containers outlive a scaler that died."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     socket_path = tmp_path / "control.sock"
     async with running_ingress([], control_socket=str(socket_path)) as ingress:
         control = ControlClient(socket_path)
@@ -105,7 +111,9 @@ async def harness(
             await controller.start()
             yield Harness(ingress, controller, runtime)
         finally:
-            await controller.stop()
+            if crash:
+                await runtime.close()
+            await controller.stop(drain=not crash)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -284,3 +292,119 @@ async def test_unhealthy_instance_is_drained_and_replaced(tmp_path: Path) -> Non
             status, body = await get(session, h.ingress, "/echo")
             assert status == 200, body
             assert backends[1].requests == 1
+
+
+async def test_a_restarted_controller_adopts_the_running_instance(tmp_path: Path) -> None:
+    """A second controller over the same host takes over the running instance: no new start,
+    and it serves."""
+    async with (
+        running_backends(1) as backends,
+        aiohttp.ClientSession() as session,
+    ):
+        host = FakeHost()
+        addresses = [backends[0].address]
+        spec = service(min_size=1)
+        first = BackendRuntime(addresses, host)
+        async with harness(tmp_path / "first", spec, first, stats=False, crash=True) as h:
+            await wait_for(lambda: len(h.ids("ready")) == 1, WAIT, "the first instance")
+            (instance,) = h.ids("ready")
+        assert list(host.instances) == [instance]
+        second = BackendRuntime(addresses, host)
+        async with harness(tmp_path / "second", spec, second, stats=False) as h:
+            await wait_for(lambda: h.ids("ready") == [instance], WAIT, "the adopted instance")
+            status, body = await get(session, h.ingress, "/echo")
+            assert status == 200, body
+            assert second.launched == []
+            assert backends[0].requests == 1
+        assert host.instances == {}
+
+
+async def test_an_old_revision_is_replaced_without_a_failed_request(tmp_path: Path) -> None:
+    """An adopted instance of another revision serves until one of the current revision is
+    ready, then is drained (its request in flight completes) and stopped."""
+    now = [1000.0]
+    async with (
+        running_backends(2) as backends,
+        aiohttp.ClientSession() as session,
+    ):
+        host = FakeHost()
+        old_spec = service(min_size=1)
+        first = BackendRuntime([backends[0].address], host)
+        async with harness(tmp_path / "first", old_spec, first, stats=False, crash=True) as h:
+            await wait_for(lambda: len(h.ids("ready")) == 1, WAIT, "the old instance")
+            (old,) = h.ids("ready")
+        new_spec = msgspec.structs.replace(old_spec, env={"VERSION": "2"})
+        assert new_spec.spec_hash() != old_spec.spec_hash()
+        second = BackendRuntime([backends[1].address], host)
+        second.fail_next_start("the new image is still being pulled")  # holds the new one back
+        async with harness(
+            tmp_path / "second", new_spec, second, stats=False, clock=lambda: now[0]
+        ) as h:
+            controller = h.controller
+            await wait_for(
+                lambda: h.ids("ready") == [old] and controller.status()["start_failures"] == 1,
+                WAIT,
+                "the old instance ready and the new start backing off",
+            )
+            await controller.flush()
+            slow = asyncio.create_task(get(session, h.ingress, "/slow"))
+            try:
+                await wait_for(lambda: backends[0].inflight == 1, WAIT, "a request on the old one")
+                now[0] += 1.0
+                controller.reconcile()
+                await wait_for(lambda: h.ids("draining") == [old], WAIT, "the old one draining")
+                (new,) = h.ids("ready")
+                assert host.instances[new].revision == new_spec.spec_hash()
+                assert old not in second.stopped  # its request is still in flight
+                await controller.flush()
+                status, body = await get(session, h.ingress, "/echo")
+                assert status == 200, body
+                assert backends[1].requests == 1
+            finally:
+                backends[0].release.set()
+                slow_status, slow_body = await slow
+            assert slow_status == 200, slow_body
+            await wait_for(lambda: old in second.stopped, WAIT, "the old one stopped")
+            assert list(host.instances) == [new]
+            assert backends[0].requests == 1
+
+
+async def test_an_orphan_of_a_removed_service_is_stopped(tmp_path: Path) -> None:
+    """Instances of a service that has no file any more are stopped; the others are kept."""
+    async with running_backends(1) as backends:
+        host = FakeHost()
+        first = BackendRuntime([backends[0].address], host)
+        async with harness(tmp_path, service(min_size=1), first, stats=False, crash=True) as h:
+            await wait_for(lambda: len(h.ids("ready")) == 1, WAIT, "the instance")
+            (orphan,) = h.ids("ready")
+        runtime = FakeRuntime(host)
+        kept = await runtime.start(LaunchSpec(service="other", revision="r", instance_id="o-1"))
+        removed = await remove_orphans(runtime, {"other"}, logging.getLogger("test"))
+        assert removed == [orphan]
+        assert runtime.stopped == [orphan]
+        assert list(host.instances) == [kept.instance_id]
+
+
+async def test_an_exited_leftover_is_removed(tmp_path: Path) -> None:
+    """An instance that exited while no controller ran is removed, and a new one started."""
+    async with (
+        running_backends(1) as backends,
+        aiohttp.ClientSession() as session,
+    ):
+        host = FakeHost()
+        addresses = [backends[0].address]
+        spec = service(min_size=1)
+        first = BackendRuntime(addresses, host)
+        async with harness(tmp_path / "first", spec, first, stats=False, crash=True) as h:
+            await wait_for(lambda: len(h.ids("ready")) == 1, WAIT, "the first instance")
+            (dead,) = h.ids("ready")
+        FakeRuntime(host).crash(dead, exit_code=137)
+        second = BackendRuntime(addresses, host)
+        async with harness(tmp_path / "second", spec, second, stats=False) as h:
+            assert second.stopped == [dead]
+            await wait_for(lambda: len(h.ids("ready")) == 1, WAIT, "a new instance")
+            assert dead not in h.ids("ready")
+            assert len(second.launched) == 1
+            status, body = await get(session, h.ingress, "/echo")
+            assert status == 200, body
+            assert h.controller.status()["start_failures"] == 0

@@ -42,6 +42,9 @@ async def test_up_cold_starts_from_zero_and_stops_cleanly(tmp_path: Path) -> Non
             *TIDEGATE,
             "up",
             HELLO,
+            # its own state: never adopt (or remove as orphans) a real deployment's instances
+            "--state-dir",
+            str(tmp_path / "state"),
             "--listen",
             f"127.0.0.1:{port}",
             "--metrics-listen",
@@ -84,7 +87,16 @@ def test_up_rejects_a_bad_file_before_starting_anything(tmp_path: Path) -> None:
         "autoscaling: {min_size: 1, max_size: 0}\n"
     )
     port = free_port()
-    result = run_cli("up", str(bad), "--listen", f"127.0.0.1:{port}", "--metrics-listen", "off")
+    result = run_cli(
+        "up",
+        str(bad),
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--metrics-listen",
+        "off",
+    )
     assert result.returncode == 1, result.stderr
     assert f"{bad}: autoscaling.max_size: must be >= min_size (got 0 < 1)" in result.stderr
     assert "listening" not in result.stdout

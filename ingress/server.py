@@ -237,16 +237,7 @@ async def serve(settings: IngressSettings, routings: list[ServiceRouting]) -> in
         raise
     for routing in routings:
         ingress.router.put_service(routing)
-    for host, port in ingress.http_addresses:
-        print(f"tidegate ingress: listening on http://{_url_host(host)}:{port}", flush=True)
-    for host, port in ingress.https_addresses:
-        print(f"tidegate ingress: listening on https://{_url_host(host)}:{port}", flush=True)
-    if ingress.admin is not None and settings.metrics_listen:
-        host, _ = split_listen(settings.metrics_listen)
-        print(
-            f"tidegate ingress: metrics on http://{_url_host(host)}:{ingress.admin.port}/metrics",
-            flush=True,
-        )
+    print_addresses(ingress, "tidegate ingress")
     # Everything made so far (modules, settings, listeners) lives as long as the process:
     # move it out of the collector's sight so the collections that per-request garbage
     # triggers do not rescan it each time.
@@ -256,6 +247,18 @@ async def serve(settings: IngressSettings, routings: list[ServiceRouting]) -> in
     log.info("draining")
     await ingress.drain()
     return 0
+
+
+def print_addresses(ingress: Ingress, prog: str) -> None:
+    """Tell the user where to point a browser: the ports actually bound (port 0 included)."""
+    for scheme, addresses in (("http", ingress.http_addresses), ("https", ingress.https_addresses)):
+        for host, port in addresses:
+            print(f"{prog}: listening on {scheme}://{_url_host(host)}:{port}", flush=True)
+    metrics = ingress.settings.metrics_listen
+    if ingress.admin is not None and metrics:
+        host, _ = split_listen(metrics)
+        url = f"http://{_url_host(host)}:{ingress.admin.port}/metrics"
+        print(f"{prog}: metrics on {url}", flush=True)
 
 
 def _url_host(host: str) -> str:

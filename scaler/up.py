@@ -32,7 +32,7 @@ import msgspec
 
 from ingress.cli import add_common_flags, run_loop, settings_from_args
 from ingress.control import ControlClient, ControlError, ControlSocketError
-from ingress.server import Ingress, IngressSettings, split_listen
+from ingress.server import Ingress, IngressSettings, print_addresses
 from scaler.controller import (
     ServiceController,
     dispatch_control_events,
@@ -156,7 +156,7 @@ async def up(
             for controller in controllers.values():
                 await controller.start()
             ingress.set_ready()
-            _print_addresses(ingress, settings, specs)
+            _print_addresses(ingress, specs)
             log.info("ready (pid %d)", os.getpid())
             await stop.wait()
             log.info("draining")
@@ -188,20 +188,8 @@ def _make_runtime(kind: str, state_root: Path) -> Runtime:
     return DockerRuntime()
 
 
-def _print_addresses(ingress: Ingress, settings: IngressSettings, specs: list[ServiceSpec]) -> None:
-    for scheme, addresses in (("http", ingress.http_addresses), ("https", ingress.https_addresses)):
-        for host, port in addresses:
-            print(f"tidegate up: listening on {scheme}://{_url_host(host)}:{port}", flush=True)
-    if ingress.admin is not None and settings.metrics_listen:
-        host, _ = split_listen(settings.metrics_listen)
-        print(
-            f"tidegate up: metrics on http://{_url_host(host)}:{ingress.admin.port}/metrics",
-            flush=True,
-        )
+def _print_addresses(ingress: Ingress, specs: list[ServiceSpec]) -> None:
+    print_addresses(ingress, "tidegate up")
     for spec in specs:
         where = ", ".join(spec.domains) if spec.domains else "the default route"
         print(f"tidegate up: service {spec.name} ({spec.runtime}) on {where}", flush=True)
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host

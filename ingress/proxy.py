@@ -115,7 +115,6 @@ class ClientConnection(asyncio.Protocol):
         "_body",
         "_body_buffered",
         "_body_size",
-        "_client_eof",
         "_client_ip",
         "_closed",
         "_ctx",
@@ -159,7 +158,6 @@ class ClientConnection(asyncio.Protocol):
         self._reader = RequestReader(self, max_head_bytes=ctx.max_head_bytes)
         self._client_ip = b""
         self._closed = False
-        self._client_eof = False
         self._pause_mask = 0
         self._write_paused = False
         self._wbuf: list[bytes] = []
@@ -229,7 +227,6 @@ class ClientConnection(asyncio.Protocol):
         self.flush()
 
     def eof_received(self) -> bool | None:
-        self._client_eof = True
         if self._tunnel:
             upstream = self._upstream
             if upstream is not None and upstream.transport is not None:
@@ -340,6 +337,9 @@ class ClientConnection(asyncio.Protocol):
                 self._service.balancer.release(instance)
             return
         self._dispatch(instance)
+        # granted from another connection's event (or a control-API call): nothing else
+        # will flush what this one has to say (an interim 100 Continue)
+        self.flush()
 
     def queue_expired(self) -> None:
         """Held past queue.timeout, or the service went away."""
@@ -485,12 +485,7 @@ class ClientConnection(asyncio.Protocol):
         self._response_started = True
         self._status = status
         self._up_reusable = head.keep_alive
-        keep_alive = (
-            request.keep_alive
-            and self._request_done
-            and not self._client_eof
-            and not self._ctx.draining
-        )
+        keep_alive = request.keep_alive and self._request_done and not self._ctx.draining
         data, mode = client_response(
             head,
             request_id=self._request_id,
@@ -684,7 +679,6 @@ class ClientConnection(asyncio.Protocol):
             head.keep_alive
             and head.http_minor == 1  # our error heads do not say keep-alive to 1.0 clients
             and (self._request_done or (not head.chunked and not head.content_length))
-            and not self._client_eof
             and not self._ctx.draining
         )
         self._keep_alive = keep_alive
@@ -739,7 +733,7 @@ class ClientConnection(asyncio.Protocol):
         elif self._status:
             self._ctx.router.unrouted[self._status // 100] += 1
         self.flush()
-        keep_alive = self._keep_alive and not self._ctx.draining and not self._client_eof
+        keep_alive = self._keep_alive and not self._ctx.draining
         resume_reader = self._resume_reader
         if not self._request_done:
             keep_alive = False

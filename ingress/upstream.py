@@ -86,11 +86,9 @@ class UpstreamConnection(asyncio.Protocol):
         if leftover is not None:
             self.tunnel = True
             owner.on_upstream_upgraded(leftover)
-        # one write to the client for everything this read produced
-        if self.owner is not None:
-            self.owner.flush()
-        else:
-            owner.flush()
+        # one write to the client for everything this read produced (if the response ended,
+        # this connection may already serve another owner, which flushes its own writes)
+        owner.flush()
 
     def eof_received(self) -> bool:
         owner = self.owner

@@ -7,6 +7,7 @@ loop and on uvloop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 
@@ -451,3 +452,52 @@ async def test_websocket_closed_by_the_instance_is_a_normal_end() -> None:
         await wait_for(lambda: service.balancer.inflight == 0, what="the tunnel to be released")
         await wait_for(lambda: service.codes[1] == 1, what="the 101 to be counted")
         assert service.errors == {}
+
+
+async def test_held_request_gets_100_continue_when_granted() -> None:
+    """A held Expect: 100-continue request gets its interim 100 as soon as another client's
+    response frees the slot, from the ingress itself (this instance never sends one)."""
+    release = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # keep-alive instance that ignores Expect: it waits for the body it was promised
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                if head.startswith(b"GET /slow"):
+                    await release.wait()
+                else:
+                    await reader.readexactly(4)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        async with running_ingress([routing(addresses=[address], max_concurrency=1)]) as ingress:
+            service = ingress.router.service("svc")
+            assert service is not None
+            host, port = ingress.http_addresses[0]
+            first = asyncio.create_task(
+                raw_exchange(ingress, b"GET /slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            )
+            await wait_for(lambda: service.balancer.inflight == 1, what="the first in flight")
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                writer.write(
+                    b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+                    b"Expect: 100-continue\r\nConnection: close\r\n\r\n"
+                )
+                await wait_for(lambda: service.balancer.queued == 1, what="the POST to be held")
+                release.set()
+                assert (await first).startswith(b"HTTP/1.1 200")
+                async with asyncio.timeout(5):
+                    interim = await reader.readuntil(b"\r\n\r\n")
+                assert interim.startswith(b"HTTP/1.1 100")
+                writer.write(b"body")
+                async with asyncio.timeout(5):
+                    answer = await reader.read()
+            finally:
+                writer.close()
+    finally:
+        server.close()
+    assert answer.startswith(b"HTTP/1.1 200")

@@ -11,6 +11,7 @@ from typing import Any
 
 from ingress.control import ControlSocketError
 from ingress.messages import InstanceSpec, ServiceRouting, parse_address
+from ingress.paths import runtime_root
 from ingress.server import IngressSettings, serve, split_listen
 from ingress.units import parse_duration, parse_size
 
@@ -204,15 +205,8 @@ def static_routing(args: argparse.Namespace) -> ServiceRouting:
 
 
 def default_control_socket() -> str:
-    import os
-
-    runtime = os.environ.get("RUNTIME_DIRECTORY")
-    if runtime:
-        return os.path.join(runtime.split(":")[0], "ingress.sock")
-    if os.geteuid() == 0:
-        return "/run/tidegate/ingress.sock"
-    xdg = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/tidegate-{os.geteuid()}"
-    return os.path.join(xdg, "tidegate", "ingress.sock")
+    """``ingress.sock`` in tidegate's runtime directory (:func:`ingress.paths.runtime_root`)."""
+    return str(runtime_root() / "ingress.sock")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,12 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-import errno
 import logging
 import os
-import socket
-import stat
 import urllib.parse
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Protocol, TypeVar
@@ -44,6 +40,7 @@ from ingress.messages import (
     StatsEvent,
     StatsSnapshot,
 )
+from ingress.unixsock import ControlSocketError, UnixListener
 
 __all__ = [
     "ControlClient",
@@ -52,14 +49,16 @@ __all__ = [
     "ControlSocketError",
     "ControlTarget",
     "SubscriberQueue",
+    "UnixJsonClient",
+    "decode_body",
+    "error_response",
+    "json_errors",
 ]
 
 _log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-# unix(7): sun_path is 108 bytes on Linux, including the terminating NUL.
-_MAX_SOCKET_PATH_BYTES = 107
 # Request bodies are routing tables: a few thousand instances at ~100 bytes each fit easily.
 _MAX_BODY_BYTES = 4 * 1024 * 1024
 # Seconds a closing subscription waits for the subscriber's close frame (aiohttp's default is
@@ -97,10 +96,6 @@ class ControlTarget(Protocol):
         ...
 
     def remove_listener(self, listener: Callable[[Event], None]) -> None: ...
-
-
-class ControlSocketError(RuntimeError):
-    """The control socket's path cannot be taken: in use, not a socket, or too long."""
 
 
 class SubscriberQueue:
@@ -192,17 +187,19 @@ def _json_response(body: bytes, status: int = 200) -> web.Response:
     return web.Response(status=status, body=body, content_type=_JSON)
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+def error_response(
+    status: int, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
     body = msgspec.json.encode(ErrorBody(error=message))
     return web.Response(status=status, body=body, content_type=_JSON, headers=headers)
 
 
 def _unknown_service(name: str) -> web.Response:
-    return _error(404, f"unknown service {name!r}")
+    return error_response(404, f"unknown service {name!r}")
 
 
 @web.middleware
-async def _json_errors(
+async def json_errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     """Give aiohttp's own errors (404, 405, 413, a bad upgrade) and crashes a JSON body too."""
@@ -212,18 +209,18 @@ async def _json_errors(
         if exc.status < 400:
             raise
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        return _error(exc.status, exc.text or exc.reason, headers)
+        return error_response(exc.status, exc.text or exc.reason, headers)
     except Exception as exc:
         _log.exception("control request %s %s failed", request.method, request.path)
-        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
 
 
-def _decode(body: bytes, type_: type[_T]) -> _T | web.Response:
+def decode_body(body: bytes, type_: type[_T]) -> _T | web.Response:
     """The decoded body, or a 400 carrying msgspec's message (it names the field path)."""
     try:
         return msgspec.json.decode(body, type=type_)
     except msgspec.DecodeError as exc:  # ValidationError is a subclass
-        return _error(400, str(exc))
+        return error_response(400, str(exc))
 
 
 class ControlServer:
@@ -253,7 +250,7 @@ class ControlServer:
         self._encoder = msgspec.json.Encoder()
         self._subscribers: set[_Subscription] = set()
         self._runner: web.AppRunner | None = None
-        self._socket_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the file we bound
+        self._listener = UnixListener(self._path)
         self._tick: asyncio.TimerHandle | None = None
         self._next_tick = 0.0
         self._closing = False
@@ -266,7 +263,7 @@ class ControlServer:
         """Listen on the socket; ControlSocketError if a live process already answers on it."""
         if self._runner is not None:
             raise RuntimeError("ControlServer.start() called twice")
-        app = web.Application(middlewares=[_json_errors], client_max_size=_MAX_BODY_BYTES)
+        app = web.Application(middlewares=[json_errors], client_max_size=_MAX_BODY_BYTES)
         app.router.add_put("/v1/services/{name}", self._put_service)
         app.router.add_put("/v1/services/{name}/instances", self._put_instances)
         app.router.add_delete("/v1/services/{name}", self._delete_service)
@@ -278,13 +275,13 @@ class ControlServer:
         try:
             # From the liveness probe to listen() nothing awaits, so no other coroutine of
             # ours can slip in between.
-            sock = self._bind()
+            sock = self._listener.bind()
             try:
                 site = web.SockSite(runner, sock)
                 await site.start()
             except BaseException:
                 sock.close()
-                self._unlink_own_socket()
+                self._listener.unlink()
                 raise
         except BaseException:
             await runner.cleanup()
@@ -311,78 +308,28 @@ class ControlServer:
         self._subscribers.clear()
         await self._runner.cleanup()  # waits _SHUTDOWN_GRACE for handlers, then cancels them
         self._runner = None
-        self._unlink_own_socket()
-
-    # -- the socket ------------------------------------------------------------------------
-
-    def _bind(self) -> socket.socket:
-        path = self._path
-        if len(os.fsencode(path)) > _MAX_SOCKET_PATH_BYTES:
-            raise ControlSocketError(
-                f"control socket path is longer than {_MAX_SOCKET_PATH_BYTES} bytes: {path}"
-            )
-        parent = os.path.dirname(os.path.abspath(path))
-        # 0700: the socket's own mode is what guards it, the directory keeps others from even
-        # seeing it. An existing directory is left as the operator made it.
-        os.makedirs(parent, mode=0o700, exist_ok=True)
-        _remove_stale_socket(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            try:
-                sock.bind(path)
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    raise ControlSocketError(
-                        f"control socket {path} was created by another process while starting"
-                    ) from exc
-                raise
-            # chmod after bind() and before listen(), not the umask trick: the umask is
-            # process-wide, so narrowing it here would also narrow (or race with) files that
-            # other threads create meanwhile. Until listen() every connect() to the socket is
-            # refused, so no client can get in while the mode is still the default.
-            os.chmod(path, 0o600)
-            st = os.stat(path)
-            self._socket_id = (st.st_dev, st.st_ino)
-            sock.listen(128)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            self._unlink_own_socket()
-            raise
-        return sock
-
-    def _unlink_own_socket(self) -> None:
-        """Remove the socket file, unless another process has replaced it since we bound."""
-        if self._socket_id is None:
-            return
-        socket_id, self._socket_id = self._socket_id, None
-        try:
-            st = os.lstat(self._path)
-        except FileNotFoundError:
-            return
-        if (st.st_dev, st.st_ino) == socket_id:
-            os.unlink(self._path)
+        self._listener.unlink()
 
     # -- HTTP endpoints --------------------------------------------------------------------
 
     async def _put_service(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        routing = _decode(await request.read(), ServiceRouting)
+        routing = decode_body(await request.read(), ServiceRouting)
         if isinstance(routing, web.Response):
             return routing
         if routing.name != name:
-            return _error(
+            return error_response(
                 400, f"service name in the path ({name!r}) differs from $.name ({routing.name!r})"
             )
         try:
             stats = self._target.put_service(routing)
         except ValueError as exc:
-            return _error(400, str(exc))
+            return error_response(400, str(exc))
         return _json_response(self._encoder.encode(stats))
 
     async def _put_instances(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        instances = _decode(await request.read(), list[InstanceSpec])
+        instances = decode_body(await request.read(), list[InstanceSpec])
         if isinstance(instances, web.Response):
             return instances
         try:
@@ -390,7 +337,7 @@ class ControlServer:
         except KeyError:
             return _unknown_service(name)
         except ValueError as exc:
-            return _error(400, str(exc))
+            return error_response(400, str(exc))
         return _json_response(self._encoder.encode(stats))
 
     async def _delete_service(self, request: web.Request) -> web.Response:
@@ -448,10 +395,10 @@ class ControlServer:
 
     async def _subscribe(self, request: web.Request) -> web.StreamResponse:
         if self._closing:
-            return _error(503, _SHUTDOWN_REASON)
+            return error_response(503, _SHUTDOWN_REASON)
         ws = web.WebSocketResponse(compress=False, timeout=_WS_CLOSE_TIMEOUT)
         if not ws.can_prepare(request):
-            return _error(400, "GET /v1/subscribe must be a WebSocket upgrade")
+            return error_response(400, "GET /v1/subscribe must be a WebSocket upgrade")
         sub = _Subscription(self._max_pending)
         # Subscribed, with a fresh snapshot first in line, before the 101 goes out: nothing
         # pushed after the client sees its subscription start can be missed.
@@ -525,7 +472,52 @@ class ControlError(Exception):
         return f"{self.status}: {self.message}" if self.status else self.message
 
 
-class ControlClient:
+class UnixJsonClient:
+    """JSON over HTTP on a unix socket, errors as :class:`ControlError`: the base of the
+    ingress's and the scaler's control clients.
+
+    ``timeout`` bounds each request in seconds (default 10).
+    """
+
+    base_url = _BASE_URL  # the Host header; the socket decides where it goes
+
+    def __init__(self, path: str | os.PathLike[str], *, timeout: float = 10.0) -> None:
+        self._path = os.fspath(path)
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise ControlError(0, "the control client is closed")
+        if self._session is None:
+            self._session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=self._path))
+        return self._session
+
+    async def _call(self, method: str, url: str, body: bytes | None = None) -> bytes:
+        headers = {"Content-Type": _JSON} if body is not None else None
+        try:
+            async with self._get_session().request(
+                method, self.base_url + url, data=body, headers=headers, timeout=self._timeout
+            ) as resp:
+                data = await resp.read()
+                status, reason = resp.status, resp.reason or ""
+        except aiohttp.ClientError as exc:
+            raise ControlError(0, f"{method} {url} on {self._path} failed: {exc}") from exc
+        except TimeoutError as exc:
+            raise ControlError(0, f"{method} {url} on {self._path} timed out") from exc
+        if status >= 400:
+            raise ControlError(status, _error_message(data, reason))
+        return data
+
+
+class ControlClient(UnixJsonClient):
     """A client of the control API over its unix socket, for the scaler and tests.
 
     ``timeout`` bounds each request in seconds (default 10); it does not apply to the
@@ -533,10 +525,7 @@ class ControlClient:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, timeout: float = 10.0) -> None:
-        self._path = os.fspath(path)
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
-        self._session: aiohttp.ClientSession | None = None
-        self._closed = False
+        super().__init__(path, timeout=timeout)
         self._event_decoder = msgspec.json.Decoder(Event)
 
     async def put_service(self, routing: ServiceRouting) -> ServiceStats:
@@ -590,35 +579,6 @@ class ControlClient:
                 elif msg.type in (WSMsgType.CLOSING, WSMsgType.CLOSED):
                     raise ControlError(0, "the subscription's connection closed")
 
-    async def close(self) -> None:
-        self._closed = True
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._closed:
-            raise ControlError(0, "the control client is closed")
-        if self._session is None:
-            self._session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=self._path))
-        return self._session
-
-    async def _call(self, method: str, url: str, body: bytes | None = None) -> bytes:
-        headers = {"Content-Type": _JSON} if body is not None else None
-        try:
-            async with self._get_session().request(
-                method, _BASE_URL + url, data=body, headers=headers, timeout=self._timeout
-            ) as resp:
-                data = await resp.read()
-                status, reason = resp.status, resp.reason or ""
-        except aiohttp.ClientError as exc:
-            raise ControlError(0, f"{method} {url} on {self._path} failed: {exc}") from exc
-        except TimeoutError as exc:
-            raise ControlError(0, f"{method} {url} on {self._path} timed out") from exc
-        if status >= 400:
-            raise ControlError(status, _error_message(data, reason))
-        return data
-
 
 def _quote(name: str) -> str:
     return urllib.parse.quote(name, safe="")
@@ -629,30 +589,3 @@ def _error_message(data: bytes, reason: str) -> str:
         return msgspec.json.decode(data, type=ErrorBody).error
     except msgspec.DecodeError:
         return data.decode("utf-8", "replace").strip() or reason
-
-
-def _remove_stale_socket(path: str) -> None:
-    """Unlink a socket file nobody listens on; ControlSocketError if someone does.
-
-    A non-blocking connect answers at once: ECONNREFUSED means the file outlived its
-    process; success, or EAGAIN (a live server with a full backlog), means it is in use.
-    """
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ControlSocketError(f"{path} exists and is not a socket; not replacing it")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.setblocking(False)
-        code = probe.connect_ex(path)
-    if code == errno.ECONNREFUSED:
-        _log.info("removing stale control socket %s", path)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-    elif code == errno.ENOENT:
-        return
-    elif code in (0, errno.EAGAIN, errno.EINPROGRESS):
-        raise ControlSocketError(f"another process is listening on the control socket {path}")
-    else:
-        raise ControlSocketError(f"cannot probe the control socket {path}: {os.strerror(code)}")

@@ -69,6 +69,9 @@ class ServiceStats(msgspec.Struct, frozen=True):
     arrivals: int  # requests received for this service
     completions: int  # requests finished (any status)
     instances: list[InstanceStats] = []
+    # cumulative counts of request durations per bucket of ingress.histogram.BOUNDS, +Inf last:
+    # the scaler takes differences for the recent p99 that `tidegate status` shows
+    durations: list[int] = []
 
 
 class StatsSnapshot(msgspec.Struct, frozen=True):

@@ -159,6 +159,7 @@ class Service:
                 InstanceStats(id=i.id, state=i.state, inflight=i.inflight)
                 for i in balancer.instances()
             ],
+            durations=list(self.duration.counts),
         )
 
 

@@ -46,6 +46,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ingress.paths import state_root
+
 __all__ = ["TLSConfigError", "default_state_dir", "self_signed_context", "server_context"]
 
 log = logging.getLogger(__name__)
@@ -228,21 +230,9 @@ def _san_dns_names(cert: x509.Certificate) -> list[str]:
 
 
 def default_state_dir() -> Path:
-    """Where ``--tls-self-signed`` keeps its CA and leaf.
-
-    ``$STATE_DIRECTORY/tls`` under systemd's ``StateDirectory=``; ``/var/lib/tidegate/tls`` as
-    root; otherwise ``$XDG_STATE_HOME/tidegate/tls``, defaulting to ``~/.local/state``.
-    """
-    systemd = os.environ.get("STATE_DIRECTORY")
-    if systemd:
-        # systemd joins several StateDirectory= entries with ":"; the first is ours.
-        return Path(systemd.split(":")[0]) / "tls"
-    if os.geteuid() == 0:
-        return Path("/var/lib/tidegate/tls")
-    xdg = os.environ.get("XDG_STATE_HOME", "")
-    # The XDG base directory spec says relative paths are invalid and must be ignored.
-    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".local" / "state"
-    return base / "tidegate" / "tls"
+    """Where ``--tls-self-signed`` keeps its CA and leaf: ``tls/`` in tidegate's state
+    directory (:func:`ingress.paths.state_root`)."""
+    return state_root() / "tls"
 
 
 def self_signed_context(

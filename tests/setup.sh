@@ -60,8 +60,10 @@ tg_start_dockerd() {
         return 0
     fi
     tg_log "starting dockerd"
-    # no systemd on every machine: start the daemon directly, logging beside the repo
-    nohup dockerd >/var/log/tidegate-dockerd.log 2>&1 &
+    # no systemd on every machine: start the daemon directly, in a session of its own so
+    # that nothing signalling this script's process group (a job control Ctrl-C, a runner
+    # killing the test job) takes the engine down with it
+    setsid -f dockerd >>/var/log/tidegate-dockerd.log 2>&1 </dev/null
     local deadline=$((SECONDS + 60))
     until docker info >/dev/null 2>&1; do
         if [ $SECONDS -ge $deadline ]; then

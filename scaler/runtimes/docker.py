@@ -7,6 +7,9 @@
   default executor); the event stream has a thread of its own.
 - **Nothing is pulled.** The image must be local; a missing one is a :class:`LaunchError`. The
   scaler decides whether pulling or building is allowed, before it asks for an instance.
+  :meth:`DockerRuntime.build` never pulls either: the engine's builder fetches a missing base
+  image even when told not to pull, so every image the Dockerfile names (``FROM``, ``COPY
+  --from``) is looked up locally first and a missing one fails the build before it starts.
 - **Labels find everything.** Containers are named ``tidegate-<instance id>`` and carry the
   labels of :mod:`scaler.runtime`; ``list`` and ``events`` select by ``tidegate.service``, so a
   restarted scaler adopts what is running. Optional scope labels narrow that to one scaler's
@@ -36,9 +39,12 @@ import builtins
 import functools
 import logging
 import math
+import os
+import re
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -71,6 +77,9 @@ _RECONNECT_MAX = 10.0  # ... doubling up to this
 _CLOSE_JOIN = 5.0  # seconds close() waits for an event thread that was told to stop
 _RUNNING = frozenset({"running", "paused", "restarting"})  # Docker's State.Status values
 _UNREACHABLE = "cannot reach the Docker engine (is dockerd running, and DOCKER_HOST right?)"
+_BUILD_TAIL = 5  # lines of build output a failed build's LaunchError quotes
+_BUILD_LINE_MAX = 300  # characters of one quoted build output line
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # the builder colours a step's stderr red
 
 
 class DockerRuntime:
@@ -127,6 +136,27 @@ class DockerRuntime:
         if self._closed:
             raise LaunchError("the Docker runtime is closed")
         return self._follow(time.time())
+
+    # -- images ------------------------------------------------------------------------------
+
+    async def build(
+        self,
+        *,
+        context: str,
+        dockerfile: str,
+        tag: str,
+        labels: Mapping[str, str] | None = None,
+    ) -> str:
+        """Build the directory `context` with `dockerfile` (a path inside it, or an absolute
+        one) into an image tagged `tag` and carrying `labels`; returns its id ("sha256:...").
+
+        Nothing is pulled: every image the Dockerfile builds on must be on this host already.
+        The engine caches each step, so building an unchanged context again gives the same id.
+        A missing context or Dockerfile, a missing base image, a failing step or an engine that
+        cannot be reached raises :class:`LaunchError` saying why, with the end of the build's
+        output when there is one. Only ``.dockerignore`` decides what of `context` is sent.
+        """
+        return await self._call(self._build, context, dockerfile, tag, dict(labels or {}))
 
     async def close(self) -> None:
         """End every event iterator and stream thread, wait for calls in flight, close."""
@@ -203,6 +233,63 @@ class DockerRuntime:
                 ) from None
             raise
         return _info(container.attrs)
+
+    def _build(self, context: str, dockerfile: str, tag: str, labels: dict[str, str]) -> str:
+        what = f"cannot build image {tag} from {context}"
+        if not os.path.isdir(context):
+            why = "is not a directory" if os.path.exists(context) else "does not exist"
+            raise LaunchError(f"{what}: the build context {why}")
+        path = os.path.join(context, dockerfile)  # an absolute dockerfile stays as it is
+        try:
+            text = _read_text(path)
+        except FileNotFoundError:
+            raise LaunchError(f"{what}: there is no Dockerfile {dockerfile} in it") from None
+        except OSError as exc:
+            raise LaunchError(f"{what}: cannot read {path}: {exc.strerror or exc}") from None
+        client = self._docker()
+        for line, ref in _external_images(text):
+            try:
+                client.images.get(ref)
+            except docker.errors.ImageNotFound:
+                raise LaunchError(
+                    f"{what}: image {ref} ({dockerfile} line {line}) is not on this host, and "
+                    "tidegate never pulls: pull or build it first"
+                ) from None
+            except docker.errors.APIError as exc:  # e.g. not a valid reference at all
+                raise LaunchError(f"{what}: {dockerfile} line {line}: {_why(exc)}") from None
+        log.info("building image %s from %s (%s)", tag, context, dockerfile)
+        output = _BuildOutput()
+        try:
+            stream = client.api.build(
+                path=context,
+                dockerfile=dockerfile,
+                tag=tag,
+                labels=labels or None,
+                pull=False,
+                rm=True,
+                forcerm=True,
+                decode=True,
+                timeout=None,  # a step may run for long without output; no read timeout
+            )
+            output.read(stream)
+        except docker.errors.APIError as exc:
+            raise LaunchError(output.failure(what, _why(exc))) from None
+        except docker.errors.DockerException as exc:  # the SDK refused an argument
+            raise LaunchError(f"{what}: {exc}") from None
+        except OSError as exc:
+            if exc.filename is None:
+                raise  # the engine's socket: _engine_errors says it cannot be reached
+            # the SDK reads the context into a tar before it sends anything
+            raise LaunchError(f"{what}: cannot read the context: {exc}") from None
+        if output.error is not None:
+            raise LaunchError(output.failure(what, output.error))
+        image_id = output.image_id
+        if image_id is None and output.built is not None:  # no aux record: an older engine
+            image_id = str(client.images.get(output.built).id)
+        if image_id is None:
+            raise LaunchError(output.failure(what, "the engine reported no image"))
+        log.info("built image %s: %s", tag, image_id)
+        return image_id
 
     def _stop(self, instance_id: str, grace: float) -> None:
         container = self._get(instance_id)
@@ -401,6 +488,155 @@ def _engine_errors(fn: Callable[..., _T], *args: Any) -> _T:
     except (docker.errors.DockerException, OSError) as exc:
         # OSError covers the HTTP layer's connection errors (requests' are OSErrors too).
         raise LaunchError(f"{_UNREACHABLE}: {exc}") from exc
+
+
+class _BuildOutput:
+    """What a build's stream of JSON records said: the image's id, or the error and the last
+    lines of output before it (the failing step and what its command printed)."""
+
+    def __init__(self) -> None:
+        self.image_id: str | None = None  # from the "aux" record, as "sha256:..."
+        self.built: str | None = None  # the short id of "Successfully built ..."
+        self.error: str | None = None
+        self._tail: deque[str] = deque(maxlen=_BUILD_TAIL)
+        self._partial = ""  # output text after the last newline
+
+    def read(self, stream: Iterable[dict[str, Any]]) -> None:
+        for record in stream:
+            text = record.get("stream")
+            if isinstance(text, str):
+                self._add(text)
+            aux = record.get("aux")
+            if isinstance(aux, dict) and isinstance(aux.get("ID"), str):
+                self.image_id = aux["ID"]
+            if record.get("error") or record.get("errorDetail"):
+                detail = record.get("errorDetail") or {}
+                message = detail.get("message") or record.get("error") or "the build failed"
+                self.error = " ".join(str(message).split())
+        self._add("\n")
+
+    def failure(self, what: str, why: str) -> str:
+        """The LaunchError message: what failed, why, and the output that led there."""
+        if not self._tail:
+            return f"{what}: {why}"
+        return f"{what}: {why} (build output ended: {' | '.join(self._tail)})"
+
+    def _add(self, text: str) -> None:
+        lines = (self._partial + _ANSI.sub("", text).replace("\r", "\n")).split("\n")
+        self._partial = lines.pop()
+        for raw in lines:
+            line = raw.strip()
+            if not line:
+                continue
+            log.debug("build: %s", line)
+            if line.startswith("Successfully built "):
+                self.built = line.rpartition(" ")[2]
+            # the builder's own bookkeeping says nothing about what went wrong
+            if line.startswith(("--->", "Removing intermediate container", "Successfully ")):
+                continue
+            if len(line) > _BUILD_LINE_MAX:
+                line = line[: _BUILD_LINE_MAX - 3] + "..."
+            self._tail.append(line)
+
+
+def _read_text(path: str) -> str:
+    with open(path, "rb") as file:
+        return file.read().decode("utf-8", errors="replace")
+
+
+_ESCAPE_DIRECTIVE = re.compile(r"#\s*escape\s*=\s*(\S)\s*", re.IGNORECASE)
+_DIRECTIVE = re.compile(r"#\s*[A-Za-z]+\s*=")
+_ARG_REF = re.compile(
+    r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)(?::([-+])([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))"
+)
+
+
+def _external_images(dockerfile: str) -> builtins.list[tuple[int, str]]:
+    """The images a Dockerfile builds on that are not its own stages, as (line, reference):
+    every FROM and ``COPY --from``. References are expanded with the global ARGs' defaults
+    (tidegate passes no build args, so those are the values the engine uses); one that still
+    holds a variable is left to the engine."""
+    args: dict[str, str] = {}
+    stages: set[str] = set()
+    seen_from = False
+    found: builtins.list[tuple[int, str]] = []
+    for number, keyword, rest in _instructions(dockerfile):
+        words = rest.split()
+        if keyword == "ARG" and not seen_from:
+            for word in words:
+                name, eq, default = word.partition("=")
+                args[name] = default.strip("\"'") if eq else ""
+        elif keyword == "FROM":
+            seen_from = True
+            names = [word for word in words if not word.startswith("--")]  # --platform=...
+            if names:
+                ref = _expand(names[0], args)
+                if ref is not None and ref.lower() != "scratch" and ref.lower() not in stages:
+                    found.append((number, ref))
+            if len(names) >= 3 and names[1].lower() == "as":
+                stages.add(names[2].lower())
+        elif keyword == "COPY":
+            for word in words:
+                if not word.startswith("--"):
+                    break
+                flag, _, source = word.partition("=")
+                if flag.lower() != "--from" or not source or "$" in source:
+                    continue
+                if not source.isdigit() and source.lower() not in stages:
+                    found.append((number, source))
+    return list(dict.fromkeys(found))
+
+
+def _instructions(dockerfile: str) -> Iterator[tuple[int, str, str]]:
+    """A Dockerfile's instructions as (first line, keyword in upper case, the rest), with
+    continuation lines joined and comments and parser directives skipped, as the engine reads
+    them (the ``escape`` directive included)."""
+    escape = "\\"
+    lines = dockerfile.splitlines()
+    directives = True  # parser directives may only come first
+    i = 0
+    while i < len(lines):
+        number, line = i + 1, lines[i].strip()
+        i += 1
+        if directives:
+            match = _ESCAPE_DIRECTIVE.fullmatch(line)
+            if match:
+                escape = match.group(1)
+                continue
+            if _DIRECTIVE.match(line):
+                continue
+            directives = False
+        if not line or line.startswith("#"):
+            continue
+        while line.endswith(escape):
+            line = line[:-1]
+            while i < len(lines) and (not lines[i].strip() or lines[i].lstrip().startswith("#")):
+                i += 1  # comments and empty lines inside a continued instruction
+            if i == len(lines):
+                break
+            line += lines[i].rstrip()
+            i += 1
+        keyword, _, rest = line.partition(" ")
+        if "\t" in keyword:
+            keyword, _, more = keyword.partition("\t")
+            rest = f"{more} {rest}"
+        yield number, keyword.upper(), rest.strip()
+
+
+def _expand(word: str, args: Mapping[str, str]) -> str | None:
+    """`word` with $NAME, ${NAME}, ${NAME:-word} and ${NAME:+word} replaced from `args`
+    (unset is empty, as in the engine); None when that leaves a variable or nothing."""
+
+    def value(match: re.Match[str]) -> str:
+        current = args.get(match.group(1) or match.group(4), "")
+        if match.group(2) == "-":
+            return current or match.group(3)
+        if match.group(2) == "+":
+            return match.group(3) if current else ""
+        return current
+
+    expanded = _ARG_REF.sub(value, word)
+    return expanded if expanded and "$" not in expanded else None
 
 
 def _create_kwargs(spec: LaunchSpec, scope: Mapping[str, str]) -> dict[str, Any]:

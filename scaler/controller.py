@@ -49,6 +49,7 @@ from typing import Any
 import msgspec
 
 from ingress.control import ControlClient, ControlError
+from ingress.histogram import Histogram
 from ingress.messages import (
     ColdStartEvent,
     DrainedEvent,
@@ -59,14 +60,17 @@ from ingress.messages import (
 from scaler.decide import DecideState, Observed, decide
 from scaler.health import HealthChange, HealthChecker
 from scaler.lifecycle import Event, InstanceState, transition
-from scaler.runtime import LaunchError, LaunchSpec, Runtime, RuntimeEvent
-from scaler.spec import ServiceSpec, SpecError, resolve_secrets, routing_for
+from scaler.messages import ApplyAction, InstanceStatus, ServiceState, ServiceStatus
+from scaler.runtime import InstanceInfo, LaunchError, LaunchSpec, Runtime, RuntimeEvent
+from scaler.spec import AutoscalingSpec, ServiceSpec, SpecError, resolve_secrets, routing_for
+from scaler.usage import Usage
 from scaler.window import Window
 
 __all__ = [
     "BACKOFF_CAP",
     "BACKOFF_FIRST",
     "ServiceController",
+    "audit_runtime",
     "dispatch_control_events",
     "dispatch_runtime_events",
     "remove_orphans",
@@ -77,6 +81,7 @@ _log = logging.getLogger("tidegate.scaler")
 BACKOFF_FIRST = 1.0  # seconds before the start after a first failed one
 BACKOFF_CAP = 60.0  # seconds at most between start attempts
 STOP_GRACE = 10.0  # seconds between SIGTERM and kill when an instance is stopped
+AUDIT_INTERVAL = 10.0  # seconds between comparisons with the runtime's own list
 _RESUBSCRIBE_DELAY = 1.0  # seconds before subscribing again after the ingress ended it
 
 _S = InstanceState
@@ -139,6 +144,7 @@ class ServiceController:
         self._log = log
         self._workdir = workdir
         self._environ = environ
+        self._drain_timeout_given = drain_timeout
         self._drain_timeout = spec.request_timeout if drain_timeout is None else drain_timeout
         self._stop_grace = stop_grace
         self._revision = spec.spec_hash()
@@ -156,6 +162,13 @@ class ServiceController:
         self._cold_start_at: float | None = None
         self._last_cold_start: float | None = None
         self._scale_events = {"up": 0, "down": 0}
+        self._paused = False
+        # after pause: desired stays 0 whatever the stats say (draining instances still
+        # report their in-flight requests) until a cold start or resume
+        self._hold_zero = False
+        self._last_stats: ServiceStats | None = None
+        self.usage = Usage()
+        self.cold_starts = Histogram()  # seconds from a request held at zero to ready
         self._tasks: set[asyncio.Task[None]] = set()
         self._pusher: asyncio.Task[None] | None = None
         self._push_dirty = False
@@ -190,8 +203,12 @@ class ServiceController:
         if arrivals < 0:  # the ingress restarted its counters
             arrivals = stats.arrivals
         self._last_arrivals = stats.arrivals
+        self._last_stats = stats
+        self.usage.add(stats, now)
         self._window.add(now, stats.inflight, stats.queued, arrivals=arrivals)
         self._inflight = {i.id: i.inflight for i in stats.instances}
+        if self._hold_zero:
+            return
         window = self._window
         observed = Observed(
             stable_avg=window.stable_average(now),
@@ -202,7 +219,7 @@ class ServiceController:
             last_request_time=window.last_request_time,
         )
         decision, self._decide_state = decide(
-            observed, self.spec.autoscaling, self._decide_state, now
+            observed, self._autoscaling(), self._decide_state, now
         )
         self._set_desired(decision.desired, decision.reason)
         self.reconcile()
@@ -213,6 +230,7 @@ class ServiceController:
             return
         if self._count(_S.STARTING) or self._count(_S.READY):
             return
+        self._hold_zero = False
         if self._cold_start_at is None:
             self._cold_start_at = self._clock()
         if self._desired < 1:
@@ -249,6 +267,30 @@ class ServiceController:
         self._stop_instance(inst, Event.STOP)
         self.reconcile()
 
+    def audit(self, found: Mapping[str, InstanceInfo], listed_at: float) -> None:
+        """Compare with the runtime's list (taken at ``listed_at`` on the controller's clock):
+        an instance the runtime no longer runs is handled as if its exit event had come. The
+        event stream is the fast path; this catches an event lost while it was broken."""
+        for inst in list(self._instances.values()):
+            if not inst.launched or inst.created > listed_at:
+                continue  # started after the list was taken: the list cannot know it
+            if inst.state not in (_S.STARTING, _S.READY, _S.DRAINING):
+                continue
+            info = found.get(inst.id)
+            if info is not None and info.state == "running":
+                continue
+            self._log.warning(
+                "%s: %s is gone from the runtime without an event", self.name, inst.id
+            )
+            self.on_runtime_event(
+                RuntimeEvent(
+                    kind="removed" if info is None else "exited",
+                    instance_id=inst.id,
+                    service=self.name,
+                    exit_code=None if info is None else info.exit_code,
+                )
+            )
+
     def reconcile(self) -> None:
         """Start or remove instances until the active ones (starting + ready) match desired;
         retire instances of another revision once the current ones are all ready."""
@@ -271,33 +313,180 @@ class ServiceController:
         elif missing < 0:
             self._remove(active, -missing)
 
-    def status(self) -> dict[str, object]:
+    def status(self) -> ServiceStatus:
         """What the controller is doing, for `tidegate status` and logs."""
-        states: dict[str, int] = {state.value: 0 for state in InstanceState}
+        now = self._clock()
+        counts = dict.fromkeys(InstanceState, 0)
         for inst in self._instances.values():
-            states[inst.state.value] += 1
-        retry_in = max(0.0, self._retry_at - self._clock())
-        return {
-            "service": self.name,
-            "desired": self._desired,
-            "reason": self._last_reason,
-            "instances": {i.id: i.state.value for i in self._instances.values()},
-            "ready": states[_S.READY],
-            "starting": states[_S.STARTING],
-            "draining": states[_S.DRAINING],
-            "stopping": states[_S.STOPPING],
-            "start_failures": self._failures,
-            "backoff_seconds": backoff_delay(self._failures),
-            "retry_in": retry_in,
-            "last_error": self._last_error,
-            "last_cold_start_seconds": self._last_cold_start,
-            "scale_events": dict(self._scale_events),
-        }
+            counts[inst.state] += 1
+        ready = self._count(_S.READY)
+        starting = self._count(_S.STARTING)
+        retry_in = max(0.0, self._retry_at - now)
+        state: ServiceState
+        if self._paused:
+            state = "paused"
+        elif self._failures and ready < self._desired:
+            state = "failing"
+        elif self._desired == 0 and not self._instances:
+            state = "idle"
+        elif ready == self._desired and len(self._instances) == ready:
+            state = "running"
+        else:
+            state = "scaling"
+        stats = self._last_stats
+        scaling = self.spec.autoscaling
+        return ServiceStatus(
+            name=self.name,
+            state=state,
+            runtime=self.spec.runtime,
+            revision=self._revision,
+            domains=list(self.spec.domains),
+            min_size=scaling.min_size,
+            max_size=scaling.max_size,
+            max_concurrency=scaling.max_concurrency,
+            desired=self._desired,
+            ready=ready,
+            starting=starting,
+            draining=counts[_S.DRAINING] + counts[_S.STOPPING],
+            inflight=0 if stats is None else stats.inflight,
+            queued=0 if stats is None else stats.queued,
+            requests_per_second=self.usage.requests_per_second(),
+            p99_seconds=self.usage.p99(),
+            reason=self._last_reason,
+            start_failures=self._failures,
+            backoff_seconds=backoff_delay(self._failures),
+            retry_in=retry_in,
+            last_error=self._last_error,
+            last_cold_start_seconds=self._last_cold_start,
+            scale_events=dict(self._scale_events),
+            active_instance_seconds=self.usage.active_seconds,
+            idle_instance_seconds=self.usage.idle_seconds,
+            instances=[
+                InstanceStatus(
+                    id=i.id,
+                    state=i.state.value,
+                    address=i.address,
+                    inflight=self._inflight.get(i.id, 0),
+                    current=not i.outdated,
+                    age_seconds=max(0.0, now - i.created),
+                )
+                for i in self._instances.values()
+            ],
+        )
+
+    def instance_counts(self) -> dict[str, int]:
+        """Instances by lifecycle state (every revision), for the metrics."""
+        counts = dict.fromkeys((state.value for state in InstanceState), 0)
+        for inst in self._instances.values():
+            counts[inst.state.value] += 1
+        return counts
+
+    @property
+    def desired(self) -> int:
+        return self._desired
+
+    @property
+    def scale_events(self) -> dict[str, int]:
+        return self._scale_events
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    async def update(self, spec: ServiceSpec) -> ApplyAction:
+        """Apply a changed file of this service: "replaced" when instances must be made anew
+        (a new revision rolls out: new instances start, and the old ones are drained once
+        those are ready), "updated" when only settings changed, "unchanged" otherwise."""
+        if spec.name != self.name:
+            raise ValueError(f"service {spec.name!r} given to the controller of {self.name!r}")
+        if spec == self.spec:
+            return "unchanged"
+        revision = spec.spec_hash()
+        replaced = revision != self._revision
+        self.spec = spec
+        if self._drain_timeout_given is None:
+            self._drain_timeout = spec.request_timeout
+        # domains, queue and timeouts take effect at once, for the instances already routed
+        await self._control.put_service(routing_for(spec, self._routed_instances()))
+        if replaced:
+            old, self._revision = self._revision, revision
+            self._failures = 0  # a new revision gets a fresh start, not the old one's back-off
+            self._retry_at = 0.0
+            self._last_error = None
+            for inst in self._instances.values():
+                if inst.state in (_S.STARTING, _S.READY):
+                    inst.outdated = True
+            self._log.info("%s: revision %s replaces %s", self.name, revision, old)
+        scaling = self._autoscaling()
+        desired = min(max(self._desired, scaling.min_size), scaling.max_size)
+        if replaced and desired == 0 and any(i.outdated for i in self._instances.values()):
+            desired = 1  # serving instances are replaced one for one, not dropped
+        if desired != self._desired:
+            self._decide_state = msgspec.structs.replace(self._decide_state, desired=desired)
+            self._set_desired(desired, "service file applied")
+        self.reconcile()
+        return "replaced" if replaced else "updated"
+
+    def pause(self) -> None:
+        """Stop every instance now (draining the ready ones); the next request cold-starts
+        one again. Held at zero until a request comes or :meth:`resume`."""
+        self._paused = True
+        self._hold_zero = True
+        self._cold_start_at = None
+        self._decide_state = DecideState(desired=0)
+        self._window = Window()  # the load before the pause must not start instances again
+        self._set_desired(0, "paused")
+        for inst in list(self._instances.values()):
+            if not inst.outdated:
+                continue
+            if inst.state is _S.READY:
+                self._drain(inst, "paused")
+            elif inst.state is _S.STARTING:
+                self._stop_instance(inst, Event.STOP)
+        self._push()
+        self.reconcile()
+
+    def resume(self) -> None:
+        """Back to min_size (and to decide()'s count as requests come)."""
+        self._paused = False
+        self._hold_zero = False
+        minimum = self.spec.autoscaling.min_size
+        if self._desired < minimum:
+            self._decide_state = msgspec.structs.replace(self._decide_state, desired=minimum)
+            self._set_desired(minimum, f"resumed: min_size {minimum}")
+        self.reconcile()
+
+    async def resync(self) -> None:
+        """Put the service and its instances at the ingress again (it may have restarted)."""
+        if not self._started or self._closing:
+            return
+        try:
+            await self._control.put_service(routing_for(self.spec, self._routed_instances()))
+        except ControlError as exc:
+            self._log.warning("%s: putting the service at the ingress failed: %s", self.name, exc)
 
     async def flush(self) -> None:
         """Wait until the latest instance list has been sent to the ingress."""
         while self._pusher is not None and not self._pusher.done():
             await asyncio.shield(self._pusher)
+
+    async def detach(self) -> None:
+        """Stop managing the instances and leave them serving: a scaler shutting down whose
+        successor adopts them (their labels say whose they are)."""
+        self._closing = True
+        self._detached = True
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
+        for inst in self._instances.values():
+            self._cancel_drain_timer(inst)
+            self._health.unwatch(inst.id)
+        tasks = list(self._tasks)
+        if self._pusher is not None:
+            tasks.append(self._pusher)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def stop(self, *, drain: bool = True) -> None:
         """Stop every instance this controller started; with ``drain``, ready ones are drained
@@ -336,6 +525,13 @@ class ServiceController:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- deciding what to change -----------------------------------------------------------
+
+    def _autoscaling(self) -> AutoscalingSpec:
+        """The service's autoscaling, with min_size 0 while paused."""
+        scaling = self.spec.autoscaling
+        if self._paused:
+            return msgspec.structs.replace(scaling, min_size=0)
+        return scaling
 
     def _count(self, state: InstanceState) -> int:
         """Instances of the current revision in ``state``."""
@@ -532,6 +728,7 @@ class ServiceController:
             self._log.info("%s: %s is ready (%.3fs after start)", self.name, inst.id, took)
             if self._cold_start_at is not None:
                 self._last_cold_start = self._clock() - self._cold_start_at
+                self.cold_starts.observe(self._last_cold_start)
                 self._cold_start_at = None
             self._push()
             self.reconcile()  # the desired count may have dropped meanwhile
@@ -624,13 +821,7 @@ class ServiceController:
     async def _push_loop(self) -> None:
         while self._push_dirty:
             self._push_dirty = False
-            instances = [
-                InstanceSpec(
-                    id=i.id, address=i.address, state="ready" if i.state is _S.READY else "draining"
-                )
-                for i in self._instances.values()
-                if i.state in (_S.READY, _S.DRAINING) and i.address is not None
-            ]
+            instances = self._routed_instances()
             try:
                 await self._control.put_instances(self.name, instances)
             except ControlError as exc:
@@ -641,6 +832,16 @@ class ServiceController:
                 self._log.warning(
                     "%s: telling the ingress the instances failed: %s", self.name, exc
                 )
+
+    def _routed_instances(self) -> list[InstanceSpec]:
+        """The instances the ingress should know: ready ones, and draining ones to finish."""
+        return [
+            InstanceSpec(
+                id=i.id, address=i.address, state="ready" if i.state is _S.READY else "draining"
+            )
+            for i in self._instances.values()
+            if i.state in (_S.READY, _S.DRAINING) and i.address is not None
+        ]
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -667,10 +868,19 @@ async def dispatch_control_events(
     """Subscribe to the ingress and hand each event to its service's controller, until
     cancelled; a subscription the ingress ends is taken up again. ``stats=False`` drops the
     stats stream (tests that feed :meth:`ServiceController.on_stats` themselves). Once
-    ``closing`` is set, the ingress ending the subscription ends this quietly."""
+    ``closing`` is set, the ingress ending the subscription ends this quietly.
+
+    After a break every controller puts its service again (:meth:`ServiceController.resync`):
+    a restarted ingress knows nothing, and a service at zero instances would otherwise not be
+    routed (404) until it next changed."""
+    resubscribed = False
     while True:
         try:
             async for event in control.subscribe():
+                if resubscribed:
+                    resubscribed = False
+                    for each in list(controllers.values()):
+                        await each.resync()
                 if isinstance(event, StatsEvent):
                     if not stats:
                         continue
@@ -692,6 +902,7 @@ async def dispatch_control_events(
             if closing is not None and closing.is_set():
                 return
             _log.warning("control subscription ended: %s; subscribing again", exc)
+        resubscribed = True
         await asyncio.sleep(resubscribe_delay)
 
 
@@ -728,3 +939,26 @@ async def remove_orphans(
             continue
         removed.append(info.instance_id)
     return removed
+
+
+async def audit_runtime(
+    runtime: Runtime,
+    controllers: Mapping[str, ServiceController],
+    *,
+    interval: float = AUDIT_INTERVAL,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """Every ``interval`` seconds, list the runtime's instances and let each controller
+    compare (:meth:`ServiceController.audit`), until cancelled."""
+    while True:
+        await asyncio.sleep(interval)
+        listed_at = clock()
+        try:
+            found = await runtime.list()
+        except LaunchError as exc:
+            _log.warning("listing instances for the periodic check failed: %s", exc)
+            continue
+        by_id = {info.instance_id: info for info in found}
+        for controller in list(controllers.values()):
+            if controller._runtime is runtime:  # another runtime's services are not in its list
+                controller.audit(by_id, listed_at)

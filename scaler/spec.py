@@ -55,9 +55,11 @@ __all__ = [
     "SecretRef",
     "ServiceSpec",
     "SpecError",
+    "check_together",
     "load_service_file",
     "load_service_files",
     "parse_service",
+    "parse_service_text",
     "resolve_secrets",
     "routing_for",
 ]
@@ -245,13 +247,19 @@ def load_service_files(
 ) -> list[ServiceSpec]:
     """Every file's service, checked one by one and then against each other: names and
     domains are unique per host, and only one service may take the default route."""
-    specs: list[ServiceSpec] = []
+    loaded = [(load_service_file(p, max_size_limit=max_size_limit), os.fspath(p)) for p in paths]
+    check_together(loaded)
+    return [spec for spec, _ in loaded]
+
+
+def check_together(loaded: Iterable[tuple[ServiceSpec, str]]) -> None:
+    """Services that run on one host: names and domains unique, one default route at most.
+    Each is given with its source (a file name); the first of a clash is kept, the later
+    one's source is named in the :class:`SpecError`."""
     names: dict[str, str] = {}
     domains: dict[str, tuple[str, str]] = {}
     default: tuple[str, str] | None = None
-    for path in paths:
-        source = os.fspath(path)
-        spec = load_service_file(path, max_size_limit=max_size_limit)
+    for spec, source in loaded:
         if spec.name in names:
             reason = f"{spec.name!r} is already the name of the service in {names[spec.name]}"
             raise SpecError(source, "name", reason)
@@ -270,8 +278,6 @@ def load_service_files(
             default = (spec.name, source)
         names[spec.name] = source
         domains.update({domain: (spec.name, source) for domain in spec.domains})
-        specs.append(spec)
-    return specs
 
 
 def load_service_file(
@@ -285,6 +291,14 @@ def load_service_file(
         raise SpecError(source, "", f"cannot read: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
         raise SpecError(source, "", f"not UTF-8 text (byte {exc.start})") from None
+    return parse_service_text(text, source, max_size_limit=max_size_limit)
+
+
+def parse_service_text(
+    text: str, source: str, *, max_size_limit: int = MAX_SIZE_LIMIT
+) -> ServiceSpec:
+    """The service in YAML ``text`` read from the file ``source`` (relative paths in it are
+    resolved from that file's directory); :class:`SpecError` for anything wrong."""
     data = _load_yaml(text, source)
     base_dir = os.path.dirname(os.path.abspath(source))
     return parse_service(data, source, base_dir=base_dir, max_size_limit=max_size_limit)

@@ -68,7 +68,7 @@ class Harness:
     runtime: BackendRuntime
 
     def ids(self, state: str) -> list[str]:
-        instances: dict[str, str] = self.controller.status()["instances"]  # type: ignore[assignment]
+        instances = {i.id: i.state for i in self.controller.status().instances}
         return [i for i, s in instances.items() if s == state]
 
     def stats(self) -> ServiceStats:
@@ -140,7 +140,7 @@ async def test_cold_start_on_the_first_request(tmp_path: Path) -> None:
             assert status == 200, body
             assert len(runtime.launched) == 1
             assert backends[0].requests == 1
-            assert h.controller.status()["last_cold_start_seconds"] is not None
+            assert h.controller.status().last_cold_start_seconds is not None
         assert runtime.host.instances == {}
 
 
@@ -166,7 +166,7 @@ async def test_scale_up_on_demand(tmp_path: Path) -> None:
                 results = await asyncio.gather(*requests)
             assert [status for status, _ in results] == [200, 200, 200]
             assert all(b.max_inflight == 1 for b in backends)
-            assert h.controller.status()["scale_events"] == {"up": 1, "down": 0}
+            assert h.controller.status().scale_events == {"up": 1, "down": 0}
 
 
 async def test_drain_before_stop(tmp_path: Path) -> None:
@@ -193,7 +193,7 @@ async def test_drain_before_stop(tmp_path: Path) -> None:
                 controller.on_stats(h.stats(), 1001.0)
                 # a steady 2 in flight fits one instance at 3 per instance: scale down
                 controller.on_stats(h.stats(), 1100.0)
-                assert controller.status()["desired"] == 1
+                assert controller.status().desired == 1
                 draining = h.ids("draining")
                 assert len(draining) == 1
                 await controller.flush()
@@ -222,10 +222,10 @@ async def test_replacement_after_a_crash(tmp_path: Path) -> None:
             runtime.crash(first, exit_code=137)
             await wait_for(lambda: h.ids("ready") not in ([], [first]), WAIT, "a ready replacement")
             await wait_for(lambda: first in runtime.stopped, WAIT, "the crashed one removed")
-            assert first not in h.controller.status()["instances"]  # type: ignore[operator]
+            assert first not in {i.id for i in h.controller.status().instances}
             status, body = await get(session, h.ingress, "/echo")
             assert status == 200, body
-            assert h.controller.status()["start_failures"] == 0
+            assert h.controller.status().start_failures == 0
 
 
 async def test_backoff_after_repeated_start_failures(tmp_path: Path) -> None:
@@ -241,23 +241,23 @@ async def test_backoff_after_repeated_start_failures(tmp_path: Path) -> None:
             controller = h.controller
 
             def failures(n: int) -> Callable[[], bool]:
-                return lambda: controller.status()["start_failures"] == n
+                return lambda: controller.status().start_failures == n
 
             await wait_for(failures(1), WAIT, "the first failure")
-            assert controller.status()["backoff_seconds"] == 1.0
-            assert "no such image" in str(controller.status()["last_error"])
+            assert controller.status().backoff_seconds == 1.0
+            assert "no such image" in str(controller.status().last_error)
             now[0] += 0.5
             controller.reconcile()
             assert runtime.attempts == 1  # still backing off
-            assert controller.status()["retry_in"] == 0.5
+            assert controller.status().retry_in == 0.5
             now[0] += 0.5
             controller.reconcile()
             await wait_for(failures(2), WAIT, "the second failure")
-            assert controller.status()["backoff_seconds"] == 2.0
+            assert controller.status().backoff_seconds == 2.0
             now[0] += 2.0
             controller.reconcile()
             await wait_for(failures(3), WAIT, "the third failure")
-            assert controller.status()["backoff_seconds"] == 4.0
+            assert controller.status().backoff_seconds == 4.0
             now[0] += 3.9
             controller.reconcile()
             assert runtime.attempts == 3
@@ -265,7 +265,7 @@ async def test_backoff_after_repeated_start_failures(tmp_path: Path) -> None:
             controller.reconcile()
             await wait_for(lambda: len(h.ids("ready")) == 1, WAIT, "a ready instance")
             assert runtime.attempts == 4
-            assert controller.status()["start_failures"] == 0
+            assert controller.status().start_failures == 0
     assert [backoff_delay(n) for n in (1, 2, 3, 6, 7, 50)] == [1, 2, 4, 32, 60, 60]
 
 
@@ -342,7 +342,7 @@ async def test_an_old_revision_is_replaced_without_a_failed_request(tmp_path: Pa
         ) as h:
             controller = h.controller
             await wait_for(
-                lambda: h.ids("ready") == [old] and controller.status()["start_failures"] == 1,
+                lambda: h.ids("ready") == [old] and controller.status().start_failures == 1,
                 WAIT,
                 "the old instance ready and the new start backing off",
             )
@@ -407,4 +407,4 @@ async def test_an_exited_leftover_is_removed(tmp_path: Path) -> None:
             assert len(second.launched) == 1
             status, body = await get(session, h.ingress, "/echo")
             assert status == 200, body
-            assert h.controller.status()["start_failures"] == 0
+            assert h.controller.status().start_failures == 0

@@ -19,28 +19,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import signal
 import sys
 import tempfile
-from collections.abc import Mapping
 from pathlib import Path
 
 import msgspec
 
 from ingress.cli import add_common_flags, run_loop, settings_from_args
-from ingress.control import ControlClient, ControlError, ControlSocketError
+from ingress.control import ControlClient, ControlError
+from ingress.paths import state_root
 from ingress.server import Ingress, IngressSettings, print_addresses
-from scaler.controller import (
-    ServiceController,
-    dispatch_control_events,
-    dispatch_runtime_events,
-    remove_orphans,
-)
-from scaler.health import HealthChecker
-from scaler.runtime import Runtime
+from ingress.unixsock import ControlSocketError
+from scaler.api import ScalerApiServer, default_scaler_socket
+from scaler.daemon import Scaler
+from scaler.metrics import ScalerCollector
+from scaler.serve import add_state_dir_flag
 from scaler.spec import ServiceSpec, SpecError, load_service_files
 
 __all__ = ["add_parser", "run"]
@@ -54,17 +50,18 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="run the ingress and the scaler in the foreground for these service files",
         description="Run the ingress and the scaler in one process for these service files: "
         "instances start when requests arrive and stop when they end. Ctrl-C or SIGTERM "
-        "drains in-flight requests, stops the instances started here and exits 0.",
+        "drains in-flight requests, stops the instances started here and exits 0. The "
+        "metrics listener serves the scaler's metrics too.",
     )
     parser.add_argument("files", nargs="+", metavar="FILE", help="service files (YAML)")
+    add_state_dir_flag(parser)
     parser.add_argument(
-        "--state-dir",
-        type=Path,
+        "--scaler-socket",
         default=None,
-        metavar="DIR",
-        help="where the process runtime keeps its instance records, so a restart adopts "
-        "them (default $STATE_DIRECTORY, else /var/lib/tidegate as root, else "
-        "~/.local/state/tidegate)",
+        metavar="PATH",
+        help="the scaler's control socket, for `tidegate status`, `apply`, `pause` and "
+        "`resume` (default as `tidegate scaler`'s; if another process holds the default "
+        "one, up runs without it)",
     )
     add_common_flags(parser)
     parser.set_defaults(func=run)
@@ -82,41 +79,36 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         specs = load_service_files(args.files)
-        for spec, path in zip(specs, args.files, strict=True):
-            if spec.runtime == "docker" and spec.image is None:
-                raise SpecError(path, "build", "not supported by tidegate up yet: give image")
     except SpecError as exc:
         print(f"tidegate up: {exc}", file=sys.stderr)
         return 1
-    workdirs = [str(Path(path).resolve().parent) for path in args.files]
-    state_dir = args.state_dir if args.state_dir is not None else default_state_dir()
+    state_dir = args.state_dir if args.state_dir is not None else state_root()
     try:
-        return run_loop(up(settings, specs, workdirs, state_dir=state_dir))
-    except (OSError, ValueError, ControlSocketError, ControlError) as exc:
+        return run_loop(
+            up(
+                settings,
+                specs,
+                [str(Path(f).resolve()) for f in args.files],
+                state_dir=state_dir,
+                scaler_socket=args.scaler_socket,
+            )
+        )
+    except (OSError, ValueError, ControlSocketError, ControlError, SpecError) as exc:
         print(f"tidegate up: {exc}", file=sys.stderr)
         return 1
-
-
-def default_state_dir(environ: Mapping[str, str] = os.environ) -> Path:
-    """$STATE_DIRECTORY (set by systemd's StateDirectory=; the first of several), else
-    /var/lib/tidegate when run as root, else ~/.local/state/tidegate."""
-    given = environ.get("STATE_DIRECTORY", "").split(":")[0]
-    if given:
-        return Path(given)
-    if os.geteuid() == 0:
-        return Path("/var/lib/tidegate")
-    return Path.home() / ".local" / "state" / "tidegate"
 
 
 async def up(
     settings: IngressSettings,
     specs: list[ServiceSpec],
-    workdirs: list[str],
+    files: list[str],
     *,
     state_dir: Path,
+    scaler_socket: str | None = None,
 ) -> int:
-    """Serve ``specs`` (``workdirs``: each service file's directory) until SIGTERM/SIGINT;
-    the process runtime keeps its records under ``state_dir``."""
+    """Serve ``specs`` (read from ``files``) until SIGTERM/SIGINT; the process runtime keeps
+    its records under ``state_dir``. ``scaler_socket`` None: the default path, skipped with
+    a warning when another process holds it."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -125,71 +117,47 @@ async def up(
         socket_path = os.path.join(tmp, "ingress.sock")
         settings = msgspec.structs.replace(settings, control_socket=socket_path)
         ingress = Ingress(settings)
+        control = ControlClient(socket_path)
+        scaler = Scaler(control, state_dir=state_dir)
+        ingress.registry.register(ScalerCollector(scaler.controllers))
+        api = ScalerApiServer(scaler, scaler_socket or default_scaler_socket())
+        started = False
         try:
             # not ready (503 on /-/ready) until the services are put: before that, every
             # request would get a 404
             await ingress.start(mark_ready=False)
-        except BaseException:
-            await ingress.close()
-            raise
-        control = ControlClient(socket_path)
-        health = HealthChecker()
-        runtimes: dict[str, Runtime] = {}
-        controllers: dict[str, ServiceController] = {}
-        tasks: list[asyncio.Task[None]] = []
-        try:
-            for spec, workdir in zip(specs, workdirs, strict=True):
-                runtime = runtimes.get(spec.runtime)
-                if runtime is None:
-                    runtime = runtimes[spec.runtime] = _make_runtime(spec.runtime, state_dir)
-                controllers[spec.name] = ServiceController(
-                    spec, runtime, control, health, workdir=workdir
-                )
-            known = {spec.name for spec in specs}
-            for runtime in runtimes.values():
-                await remove_orphans(runtime, known, log)
-            tasks.append(
-                loop.create_task(dispatch_control_events(control, controllers, closing=stop))
-            )
-            for runtime in runtimes.values():
-                tasks.append(loop.create_task(dispatch_runtime_events(runtime, controllers)))
-            for controller in controllers.values():
-                await controller.start()
+            api_path: str | None = api.path
+            try:
+                await api.start()
+            except ControlSocketError as exc:
+                if scaler_socket is not None:
+                    raise
+                log.warning("no scaler control socket (status, apply, pause): %s", exc)
+                api_path = None
+            started = True
+            await scaler.start(list(zip(specs, files, strict=True)))
+            if scaler.errors:
+                raise SpecError(scaler.errors[0].file, "", scaler.errors[0].error)
             ingress.set_ready()
-            _print_addresses(ingress, specs)
+            _print_addresses(ingress, specs, api_path)
             log.info("ready (pid %d)", os.getpid())
             await stop.wait()
             log.info("draining")
         finally:
-            stop.set()  # also on the way out after a failure: the subscription may end quietly
             # Stop accepting and let in-flight requests finish, then stop the instances.
+            await api.close()
+            scaler.closing()
             await ingress.drain()
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await asyncio.gather(
-                *(c.stop(drain=False) for c in controllers.values()), return_exceptions=True
-            )
-            await health.close()
+            if started:
+                await scaler.close(stop_instances=True)
             await control.close()
-            for runtime in runtimes.values():
-                with contextlib.suppress(Exception):
-                    await runtime.close()
     return 0
 
 
-def _make_runtime(kind: str, state_root: Path) -> Runtime:
-    if kind == "process":
-        from scaler.runtimes.process import ProcessRuntime
-
-        return ProcessRuntime(state_root / "process")
-    from scaler.runtimes.docker import DockerRuntime  # imported only when a service needs it
-
-    return DockerRuntime()
-
-
-def _print_addresses(ingress: Ingress, specs: list[ServiceSpec]) -> None:
+def _print_addresses(ingress: Ingress, specs: list[ServiceSpec], scaler_socket: str | None) -> None:
     print_addresses(ingress, "tidegate up")
+    if scaler_socket is not None:
+        print(f"tidegate up: scaler control socket {scaler_socket}", flush=True)
     for spec in specs:
         where = ", ".join(spec.domains) if spec.domains else "the default route"
         print(f"tidegate up: service {spec.name} ({spec.runtime}) on {where}", flush=True)

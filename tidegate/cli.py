@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from ingress import cli as ingress_cli
+from scaler import commands, serve
 from scaler import up as scaler_up
 
 
@@ -23,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.required = True
     ingress_cli.add_parser(subparsers)
     scaler_up.add_parser(subparsers)
+    serve.add_parser(subparsers)
+    commands.add_parsers(subparsers)
     return parser
 
 

@@ -1,0 +1,315 @@
+"""The scaler: one :class:`~scaler.controller.ServiceController` per service, and their feeds.
+
+Both `tidegate scaler` and `tidegate up` run a :class:`Scaler`; it owns what the controllers
+share (the runtimes, the health checker, the ingress's control client) and the two feeds:
+the ingress's events (stats, cold starts, drained instances) and each runtime's exits. It is
+also the target of the scaler's own control API (:mod:`scaler.api`).
+
+Rules:
+
+- **A bad file changes nothing.** :meth:`Scaler.apply` checks every file given, and the set
+  against the services already running (names, domains, the default route), and builds the
+  images it needs, before touching anything; any error rejects the whole apply. At start, a
+  bad file is reported (:attr:`Scaler.errors`, `tidegate status`, the log) and the other
+  services run.
+- **Orphans only when sure.** Instances (and ingress routes) of services with no file are
+  removed at start, but not while some file failed to load: that file may be the service's
+  own, broken by an edit, and removing its running instances would turn a typo into an outage.
+- **Leaving is not stopping.** :meth:`Scaler.close` stops the instances only when asked
+  (`tidegate up` does). The standalone daemon leaves them serving, so a restarted scaler
+  adopts them and no request fails across the restart.
+- Apply, pause, resume and delete run one at a time (one lock): each sees the last one's end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+from ingress.control import ControlClient, ControlError
+from scaler.controller import (
+    ServiceController,
+    audit_runtime,
+    dispatch_control_events,
+    dispatch_runtime_events,
+    remove_orphans,
+)
+from scaler.health import HealthChecker
+from scaler.messages import (
+    ApplyAction,
+    ApplyFile,
+    ApplyResponse,
+    ApplyResult,
+    FileError,
+    ServiceStatus,
+    StatusReport,
+)
+from scaler.runtime import LaunchError, Runtime
+from scaler.spec import (
+    MAX_SIZE_LIMIT,
+    ServiceSpec,
+    SpecError,
+    check_together,
+    load_service_file,
+    parse_service_text,
+)
+
+__all__ = ["Loaded", "Scaler", "load_paths", "make_runtime"]
+
+_log = logging.getLogger("tidegate.scaler")
+
+Loaded = tuple[ServiceSpec, str]  # a service and the file it came from
+_SERVICE_SUFFIXES = (".yaml", ".yml")
+
+
+def load_paths(
+    paths: Iterable[str | os.PathLike[str]], *, max_size_limit: int = MAX_SIZE_LIMIT
+) -> tuple[list[Loaded], list[FileError]]:
+    """The services in these files and directories (``*.yaml`` and ``*.yml`` directly inside,
+    in name order), and an error for each file that cannot be used. A file that clashes with
+    an earlier one (same name, a domain taken, a second default route) is an error too."""
+    files: list[str] = []
+    errors: list[FileError] = []
+    for path in paths:
+        path = os.path.abspath(path)  # `apply` names files absolutely: errors must match
+        if os.path.isdir(path):
+            try:
+                names = sorted(os.listdir(path))
+            except OSError as exc:
+                errors.append(FileError(path, f"cannot list: {exc.strerror}"))
+                continue
+            files.extend(os.path.join(path, n) for n in names if n.endswith(_SERVICE_SUFFIXES))
+        else:
+            files.append(path)
+    loaded: list[Loaded] = []
+    for file in files:
+        try:
+            spec = load_service_file(file, max_size_limit=max_size_limit)
+            check_together([*loaded, (spec, file)])
+        except SpecError as exc:
+            errors.append(FileError(file, str(exc)))
+            continue
+        loaded.append((spec, file))
+    return loaded, errors
+
+
+def make_runtime(kind: str, state_dir: Path) -> Runtime:
+    """The runtime for ``kind``; the process runtime keeps its records under ``state_dir``."""
+    if kind == "process":
+        from scaler.runtimes.process import ProcessRuntime
+
+        return ProcessRuntime(state_dir / "process")
+    from scaler.runtimes.docker import DockerRuntime  # imported only when a service needs it
+
+    return DockerRuntime()
+
+
+class Scaler:
+    """Runs the services' controllers against one ingress (``control``)."""
+
+    def __init__(
+        self,
+        control: ControlClient,
+        *,
+        state_dir: Path,
+        max_size_limit: int = MAX_SIZE_LIMIT,
+        runtime_factory: Callable[[str, Path], Runtime] = make_runtime,
+        environ: Mapping[str, str] = os.environ,
+        log: logging.Logger = _log,
+    ) -> None:
+        self.controllers: dict[str, ServiceController] = {}
+        self.errors: list[FileError] = []  # files that could not be loaded at start
+        self._control = control
+        self._state_dir = state_dir
+        self._max_size_limit = max_size_limit
+        self._runtime_factory = runtime_factory
+        self._environ = environ
+        self._log = log
+        self._health = HealthChecker()
+        self._runtimes: dict[str, Runtime] = {}
+        self._sources: dict[str, str] = {}  # service -> the file it came from
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = asyncio.Event()
+        self._lock = asyncio.Lock()
+
+    async def start(self, loaded: list[Loaded], errors: Iterable[FileError] = ()) -> None:
+        """Start the given services (adopting their running instances); report ``errors``."""
+        self.errors = list(errors)
+        for error in self.errors:
+            self._log.error("not loaded: %s", error.error)
+        built: list[Loaded] = []
+        for spec, source in loaded:
+            try:
+                built.append((await self._resolve_image(spec, source), source))
+            except SpecError as exc:
+                self._log.error("not loaded: %s", exc)
+                self.errors.append(FileError(source, str(exc)))
+        loop = asyncio.get_running_loop()
+        self._tasks.append(
+            loop.create_task(
+                dispatch_control_events(self._control, self.controllers, closing=self._closing),
+                name="ingress events",
+            )
+        )
+        kinds = {spec.runtime for spec, _ in built} | {"process"}
+        for kind in sorted(kinds):
+            self._runtime(kind)
+        await self._remove_orphans({spec.name for spec, _ in built})
+        for spec, source in built:
+            await self._add(spec, source)
+
+    def status(self, service: str | None = None) -> StatusReport:
+        """Every service's status, or one's (KeyError if unknown), and the files not loaded."""
+        if service is not None:
+            return StatusReport(services=[self.controllers[service].status()], errors=self.errors)
+        return StatusReport(
+            services=[self.controllers[name].status() for name in sorted(self.controllers)],
+            errors=self.errors,
+        )
+
+    async def apply(self, files: list[ApplyFile]) -> ApplyResponse:
+        """Create, update or replace the services in ``files``; SpecError changes nothing."""
+        async with self._lock:
+            parsed: list[Loaded] = []
+            for file in files:
+                spec = parse_service_text(file.text, file.path, max_size_limit=self._max_size_limit)
+                parsed.append((spec, file.path))
+            given = {spec.name for spec, _ in parsed}
+            running = [
+                (c.spec, self._sources.get(name, f"service {name}"))
+                for name, c in self.controllers.items()
+                if name not in given
+            ]
+            check_together([*running, *parsed])
+            built = [(await self._resolve_image(s, src), src) for s, src in parsed]
+            results = []
+            for spec, source in built:
+                controller = self.controllers.get(spec.name)
+                action: ApplyAction
+                if controller is None:
+                    await self._add(spec, source)
+                    action = "created"
+                else:
+                    action = await controller.update(spec)
+                    self._sources[spec.name] = source
+                self.errors = [e for e in self.errors if e.file != source]
+                self._log.info("applied %s: %s %s", source, spec.name, action)
+                results.append(ApplyResult(spec.name, action, spec.spec_hash()))
+            return ApplyResponse(results=results)
+
+    def pause(self, service: str) -> ServiceStatus:
+        controller = self.controllers[service]
+        self._log.info("%s: paused", service)
+        controller.pause()
+        return controller.status()
+
+    def resume(self, service: str) -> ServiceStatus:
+        controller = self.controllers[service]
+        self._log.info("%s: resumed", service)
+        controller.resume()
+        return controller.status()
+
+    async def delete(self, service: str) -> None:
+        """Drain and stop the service's instances, then remove its route at the ingress."""
+        async with self._lock:
+            controller = self.controllers[service]
+            self._log.info("%s: deleting", service)
+            await controller.stop(drain=True)
+            del self.controllers[service]
+            self._sources.pop(service, None)
+            with contextlib.suppress(ControlError):
+                await self._control.delete_service(service)
+
+    def closing(self) -> None:
+        """Say that the ingress is about to go: its ending the subscription is expected."""
+        self._closing.set()
+
+    async def close(self, *, stop_instances: bool) -> None:
+        """Stop the feeds; with ``stop_instances`` also every instance (without draining:
+        the caller has drained the ingress), else leave them for the next scaler to adopt."""
+        self._closing.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        controllers = list(self.controllers.values())
+        if stop_instances:
+            await asyncio.gather(
+                *(c.stop(drain=False) for c in controllers), return_exceptions=True
+            )
+        else:
+            await asyncio.gather(*(c.detach() for c in controllers), return_exceptions=True)
+        await self._health.close()
+        for runtime in self._runtimes.values():
+            with contextlib.suppress(Exception):
+                await runtime.close()
+
+    # -- inside ----------------------------------------------------------------------------
+
+    def _runtime(self, kind: str) -> Runtime:
+        runtime = self._runtimes.get(kind)
+        if runtime is None:
+            runtime = self._runtimes[kind] = self._runtime_factory(kind, self._state_dir)
+            loop = asyncio.get_running_loop()
+            self._tasks.append(
+                loop.create_task(
+                    dispatch_runtime_events(runtime, self.controllers), name=f"{kind} events"
+                )
+            )
+            self._tasks.append(
+                loop.create_task(audit_runtime(runtime, self.controllers), name=f"{kind} audit")
+            )
+        return runtime
+
+    async def _add(self, spec: ServiceSpec, source: str) -> None:
+        controller = ServiceController(
+            spec,
+            self._runtime(spec.runtime),
+            self._control,
+            self._health,
+            workdir=str(Path(source).resolve().parent),
+            environ=self._environ,
+            log=self._log,
+        )
+        self.controllers[spec.name] = controller
+        self._sources[spec.name] = source
+        await controller.start()
+
+    async def _resolve_image(self, spec: ServiceSpec, source: str) -> ServiceSpec:
+        """The spec with its image built, if it has ``build``; SpecError if the build fails."""
+        if spec.build is None:
+            return spec
+        from scaler.build import resolve_image
+        from scaler.runtimes.docker import DockerRuntime
+
+        runtime = self._runtime("docker")
+        if not isinstance(runtime, DockerRuntime):
+            raise SpecError(source, "build", "needs the docker runtime")
+        self._log.info("%s: building %s", spec.name, spec.build.context)
+        try:
+            return await resolve_image(spec, runtime)
+        except LaunchError as exc:
+            raise SpecError(source, "build", str(exc)) from None
+
+    async def _remove_orphans(self, known: set[str]) -> None:
+        if self.errors:
+            self._log.warning(
+                "not removing instances of services without a file while %d file(s) failed to load",
+                len(self.errors),
+            )
+            return
+        for runtime in self._runtimes.values():
+            await remove_orphans(runtime, known, self._log)
+        try:
+            routed = await self._control.services()
+        except ControlError as exc:
+            self._log.warning("listing the ingress's services failed: %s", exc)
+            return
+        for routing in routed:
+            if routing.name not in known:
+                self._log.info("removing the route of %s: it has no file any more", routing.name)
+                with contextlib.suppress(ControlError):
+                    await self._control.delete_service(routing.name)

@@ -1,0 +1,201 @@
+"""`tidegate scaler`: the scaler daemon alone, driving an ingress over its control socket.
+
+It loads the service files and directories given, waits for the ingress (so the two can be
+started in any order, as systemd may), adopts the instances an earlier scaler left, and
+serves its own control API (`tidegate status`, `apply`, `pause`, `resume`, `delete`) and its
+metrics. SIGTERM or SIGINT leave the instances serving: the next scaler adopts them, and no
+request fails across a restart. `tidegate up` runs the same :class:`~scaler.daemon.Scaler`
+next to an ingress in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from ingress.admin import AdminServer
+from ingress.cli import default_control_socket, run_loop
+from ingress.control import ControlClient, ControlError
+from ingress.paths import state_root
+from ingress.server import split_listen
+from ingress.unixsock import ControlSocketError
+from scaler.api import ScalerApiServer, default_scaler_socket
+from scaler.daemon import Scaler, load_paths
+from scaler.metrics import ScalerCollector
+from scaler.spec import MAX_SIZE_LIMIT
+
+__all__ = ["add_parser", "add_state_dir_flag", "run"]
+
+log = logging.getLogger("tidegate.scaler")
+
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9465"
+_INGRESS_RETRY = 1.0  # seconds between attempts to reach the ingress at start
+
+
+def add_state_dir_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="where the process runtime keeps its instance records, so a restart adopts "
+        "them (default $STATE_DIRECTORY, else /var/lib/tidegate as root, else "
+        "$XDG_STATE_HOME/tidegate or ~/.local/state/tidegate)",
+    )
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "scaler",
+        help="the scaler daemon alone",
+        description="Run the scaler daemon: start and stop the services' instances as the "
+        "ingress's load asks, over the ingress's control socket. Bad files are reported in "
+        "`tidegate status` and the log; the other services run. On SIGTERM the instances "
+        "keep serving, for the next scaler to adopt.",
+    )
+    parser.add_argument(
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="service files, or directories of them (*.yaml, *.yml); none: start empty "
+        "and take services from `tidegate apply`",
+    )
+    parser.add_argument(
+        "--ingress-socket",
+        default=None,
+        metavar="PATH",
+        help="the ingress's control socket (default: the one `tidegate ingress` uses)",
+    )
+    parser.add_argument(
+        "--socket",
+        default=None,
+        metavar="PATH",
+        help="the scaler's own control socket (default $RUNTIME_DIRECTORY/scaler.sock, else "
+        "/run/tidegate/scaler.sock as root, else $XDG_RUNTIME_DIR/tidegate/scaler.sock)",
+    )
+    parser.add_argument(
+        "--metrics-listen",
+        default=DEFAULT_METRICS_LISTEN,
+        metavar="ADDR",
+        help="host:port for /metrics, /-/healthy and /-/ready (default %(default)s; "
+        "empty to turn off)",
+    )
+    parser.add_argument(
+        "--max-size-limit",
+        type=int,
+        default=MAX_SIZE_LIMIT,
+        metavar="N",
+        help="the highest autoscaling.max_size a service file may ask for (default %(default)s)",
+    )
+    add_state_dir_flag(parser)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.max_size_limit < 1:
+        print("tidegate scaler: --max-size-limit must be >= 1", file=sys.stderr)
+        return 2
+    metrics: tuple[str, int] | None = None
+    if args.metrics_listen:
+        try:
+            metrics = split_listen(args.metrics_listen)
+        except ValueError as exc:
+            print(f"tidegate scaler: --metrics-listen: {exc}", file=sys.stderr)
+            return 2
+    try:
+        return run_loop(
+            serve(
+                args.paths,
+                ingress_socket=args.ingress_socket or default_control_socket(),
+                socket_path=args.socket or default_scaler_socket(),
+                metrics=metrics,
+                state_dir=args.state_dir or state_root(),
+                max_size_limit=args.max_size_limit,
+            )
+        )
+    except (OSError, ControlSocketError) as exc:
+        print(f"tidegate scaler: {exc}", file=sys.stderr)
+        return 1
+
+
+async def serve(
+    paths: list[str],
+    *,
+    ingress_socket: str,
+    socket_path: str,
+    metrics: tuple[str, int] | None,
+    state_dir: Path,
+    max_size_limit: int,
+) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    control = ControlClient(ingress_socket)
+    scaler = Scaler(control, state_dir=state_dir, max_size_limit=max_size_limit)
+    ready = False
+    registry = CollectorRegistry()
+    registry.register(ScalerCollector(scaler.controllers))
+    admin = None
+    if metrics is not None:
+        admin = AdminServer(*metrics, ready=lambda: ready, registry=registry)
+    api = ScalerApiServer(scaler, socket_path)
+    started = False
+    try:
+        if admin is not None:
+            await admin.start()
+        await api.start()
+        loaded, errors = load_paths(paths, max_size_limit=max_size_limit)
+        if not await _wait_for_ingress(control, ingress_socket, stop):
+            return 0
+        await scaler.start(loaded, errors)
+        started = True
+        ready = True
+        log.info(
+            "ready: %d service(s), control socket %s%s (pid %d)",
+            len(scaler.controllers),
+            socket_path,
+            f", metrics on {metrics[0]}:{admin.port}" if admin is not None and metrics else "",
+            os.getpid(),
+        )
+        await stop.wait()
+        log.info("stopping; the instances keep serving for the next scaler to adopt")
+    finally:
+        await api.close()
+        if started:
+            await scaler.close(stop_instances=False)
+        await control.close()
+        if admin is not None:
+            await admin.close()
+    return 0
+
+
+async def _wait_for_ingress(control: ControlClient, path: str, stop: asyncio.Event) -> bool:
+    """Wait until the ingress answers on its control socket; False if stopped first."""
+    told = False
+    while not stop.is_set():
+        try:
+            await control.services()
+            return True
+        except ControlError as exc:
+            if not told:
+                log.warning("waiting for the ingress on %s: %s", path, exc)
+                told = True
+        try:
+            async with asyncio.timeout(_INGRESS_RETRY):
+                await stop.wait()
+        except TimeoutError:
+            pass
+    return False

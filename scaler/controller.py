@@ -180,11 +180,23 @@ class ServiceController:
     # -- the public surface ------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Put the service's routing (no instances yet) at the ingress, adopt the instances an
-        earlier scaler left running, then start what min_size still lacks."""
+        """Adopt the instances an earlier scaler left running, put the service's routing at
+        the ingress, then start what min_size still lacks.
+
+        Instances the ingress is routing to right now (ready, at the same address) stay
+        ready: they passed their checks a moment ago, and taking them out while they are
+        checked again would hold every request of a scaler restart for a probe's time."""
+        routed: dict[str, InstanceSpec] = {}
+        try:
+            for routing in await self._control.services():
+                if routing.name == self.name:
+                    routed = {i.id: i for i in routing.instances if i.state == "ready"}
+        except ControlError as exc:
+            self._log.warning("%s: reading the ingress's routing failed: %s", self.name, exc)
+        await self._adopt(routed)
+        # only now may stats start instances: before, adopted ones would not be counted
         self._started = True
-        await self._control.put_service(routing_for(self.spec, []))
-        await self._adopt()
+        await self._control.put_service(routing_for(self.spec, self._routed_instances()))
         self._log.info(
             "%s: starting with min_size %d (max %d, %d per instance)",
             self.name,
@@ -566,8 +578,9 @@ class ServiceController:
 
     # -- adopting what an earlier scaler left ---------------------------------------------
 
-    async def _adopt(self) -> None:
-        """Take over this service's running instances; remove its exited ones."""
+    async def _adopt(self, routed: Mapping[str, InstanceSpec]) -> None:
+        """Take over this service's running instances (those in ``routed`` as ready, the
+        others health-gated like new ones); remove its exited ones."""
         try:
             found = await self._runtime.list()
         except LaunchError as exc:
@@ -587,9 +600,11 @@ class ServiceController:
                     )
                 continue
             outdated = info.revision != self._revision
+            at_ingress = routed.get(info.instance_id)
+            serving = at_ingress is not None and at_ingress.address == info.address
             inst = _Instance(
                 info.instance_id,
-                _S.STARTING,
+                _S.READY if serving else _S.STARTING,
                 self._clock(),
                 address=info.address,
                 launched=True,
@@ -599,10 +614,11 @@ class ServiceController:
             self._instances[inst.id] = inst
             adopted += 1
             self._log.info(
-                "%s: adopted %s at %s%s",
+                "%s: adopted %s at %s%s%s",
                 self.name,
                 inst.id,
                 info.address,
+                " (serving)" if serving else "",
                 f" (revision {info.revision}: to be replaced)" if outdated else "",
             )
             self._health.watch(inst.id, info.address, self.spec.health_check, self._on_health)

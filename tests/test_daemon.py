@@ -20,7 +20,7 @@ from scaler.daemon import Scaler, load_paths
 from scaler.messages import ApplyFile, ServiceStatus
 from scaler.runtime import InstanceInfo, Runtime
 from scaler.runtimes.fake import FakeHost
-from scaler.spec import SpecError
+from scaler.spec import SpecError, parse_service_text
 from tests.backends import Backend, running_backends
 from tests.conftest import running_ingress, url, wait_for
 from tests.test_controller import WAIT, BackendRuntime
@@ -295,3 +295,40 @@ async def test_audit_notices_an_instance_gone_without_an_event(tmp_path: Path) -
             "a replacement",
         )
         assert len(r.runtime.launched) == 2
+
+
+async def test_a_restarted_scaler_keeps_routing_what_was_serving(tmp_path: Path) -> None:
+    """The standalone scaler leaves its instances serving on exit; the next one adopts them
+    and the ingress never loses them from its ready list: no request is held or failed, and
+    nothing is started twice."""
+    host = FakeHost()
+    async with running_backends(1) as backends, rig(tmp_path, backends, host) as r:
+        await r.scaler.apply([r.file(service_text())])
+        await wait_for(lambda: r.status().ready == 1, WAIT, "the first instance")
+        (kept,) = [i.id for i in r.status().instances]
+        await r.scaler.close(stop_instances=False)
+        assert kept in host.instances  # left serving
+
+        svc = r.ingress.router.service("svc")
+        assert svc is not None
+        assert [i.id for i in svc.stats().instances] == [kept]
+
+        runtime = BackendRuntime([b.address for b in backends], host)
+        socket_path = tmp_path / "control.sock"
+        control = ControlClient(socket_path)
+        successor = Scaler(
+            control, state_dir=tmp_path / "state", runtime_factory=lambda k, d: runtime
+        )
+        try:
+            path = r.tmp / "svc.yaml"
+            spec = parse_service_text(path.read_text(), str(path))
+            await successor.start([(spec, str(path))])
+            routed = r.ingress.router.service("svc")
+            assert routed is not None
+            assert [(i.id, i.state) for i in routed.stats().instances] == [(kept, "ready")]
+            assert successor.status("svc").services[0].ready == 1
+            assert runtime.launched == []
+            assert await r.get() == 200
+        finally:
+            await successor.close(stop_instances=True)
+            await control.close()

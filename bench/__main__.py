@@ -17,11 +17,12 @@ import sys
 from collections.abc import Callable, Sequence
 from types import FrameType, ModuleType
 
-from bench import install, procs, proxy, wrk
+from bench import coldstart, install, procs, proxy, wrk
 
 # name -> (module, one-line help); the module provides add_arguments and main.
 _BENCHMARKS: dict[str, tuple[ModuleType, str]] = {
     "proxy": (proxy, "ingress throughput and latency next to nginx and HAProxy"),
+    "coldstart": (coldstart, "what tidegate adds to a cold start, next to a bare container"),
 }
 
 

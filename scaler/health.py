@@ -20,8 +20,10 @@ The rules (the policy is the service file's ``health_check``, contract section 1
   rather than every ``interval``, so it is ready within milliseconds of listening and a cold
   start costs the app's own start time, not up to an interval more. A refused connection on
   the loopback costs a few microseconds, so this is cheap. Never-healthy instances are not
-  judged by ``unhealthy_threshold``: they get a start deadline (``start_timeout``, 60 s by
-  default) and :attr:`HealthChange.START_TIMEOUT` if they are not healthy by then.
+  judged by ``unhealthy_threshold``: they get a start deadline (``health_check.start_timeout``,
+  60 s by default) and :attr:`HealthChange.START_TIMEOUT` if they are not healthy by then.
+- A TCP check passes when the connection is accepted *and stays open* for ``TCP_SETTLE``:
+  a proxy in front of a port (Docker's userland proxy) accepts even when nothing listens.
 - Once it has been healthy, it is probed every ``interval`` and becomes unhealthy after
   ``unhealthy_threshold`` failures in a row; it can become healthy again the same way.
 - Intervals run from the end of one probe to the start of the next, so at most one probe per
@@ -31,6 +33,7 @@ The rules (the policy is the service file's ``health_check``, contract section 1
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import math
@@ -56,6 +59,9 @@ __all__ = [
 ]
 
 FAST_PROBE_INTERVAL = 0.015  # seconds between probes until first healthy (10 to 20 ms asked)
+# seconds an accepted probe connection must stay open: a proxy in front of a port nobody
+# listens on closes it within a millisecond; waiting longer only delays every cold start
+TCP_SETTLE = 0.005
 DEFAULT_START_TIMEOUT = 60.0  # seconds an instance may take to become healthy the first time
 _USER_AGENT = "tidegate-health-check"
 
@@ -173,11 +179,39 @@ async def probe(
         return ProbeResult(False, _os_error_detail(exc))
 
 
+class _Held(asyncio.Protocol):
+    """Notices the peer closing a connection it has just accepted."""
+
+    def __init__(self, closed: asyncio.Future[None]) -> None:
+        self._closed = closed
+
+    def eof_received(self) -> bool:
+        if not self._closed.done():
+            self._closed.set_result(None)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+
 async def _probe_tcp(address: str) -> ProbeResult:
     host, port = _split_address(address)
     loop = asyncio.get_running_loop()
-    transport, _ = await loop.create_connection(asyncio.Protocol, host, port)
-    transport.close()
+    closed: asyncio.Future[None] = loop.create_future()
+    transport, _ = await loop.create_connection(lambda: _Held(closed), host, port)
+    try:
+        # An accepted connection does not prove the app listens: Docker's userland proxy
+        # accepts on a published port, then closes at once when nothing answers inside the
+        # container (within a fraction of a millisecond here). A connection still open after
+        # TCP_SETTLE is one the app itself holds.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(TCP_SETTLE):
+                await asyncio.shield(closed)
+    finally:
+        transport.close()
+    if closed.done():
+        return ProbeResult(False, "accepted a connection and closed it at once")
     return ProbeResult(True, "accepted a connection")
 
 
@@ -240,7 +274,7 @@ class HealthChecker:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         probe: ProbeFunction = probe,
-        start_timeout: float = DEFAULT_START_TIMEOUT,
+        start_timeout: float | None = None,
     ) -> None:
         self._session = session
         self._own_session: aiohttp.ClientSession | None = None
@@ -263,7 +297,10 @@ class HealthChecker:
             raise RuntimeError("HealthChecker is closed")
         if instance_id in self._tasks:
             raise ValueError(f"instance {instance_id} is already watched")
-        tracker = HealthTracker(policy, self._clock(), start_timeout=self._start_timeout)
+        start_timeout = self._start_timeout
+        if start_timeout is None:
+            start_timeout = policy.start_timeout
+        tracker = HealthTracker(policy, self._clock(), start_timeout=start_timeout)
         self._tasks[instance_id] = asyncio.get_running_loop().create_task(
             self._run(instance_id, address, policy, on_change, tracker),
             name=f"health-check {instance_id}",

@@ -71,6 +71,7 @@ NetworkMode = Literal["bridge", "host"]
 MAX_SIZE_LIMIT = 25  # App Runner's max_size quota; a caller may raise it (max_size_limit=)
 _MAX_CONCURRENCY = 1000  # App Runner's upper limit for max_concurrency
 _MAX_THRESHOLD = 20  # App Runner's 1..20 for healthy/unhealthy thresholds
+_MAX_START_SECONDS = 600.0  # a start slower than 10 minutes is a broken start
 _MAX_HEALTH_SECONDS = 20.0  # App Runner's 20 s ceiling for interval and timeout
 _MAX_CPU = 64.0  # vCPU; the contract's ceiling
 _MIN_MEMORY = parse_size("64MB")  # the contract's floor (Docker itself takes 6MB)
@@ -132,6 +133,7 @@ class HealthCheckSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     timeout: float = 2.0  # seconds one check may take, below interval; default 2s
     healthy_threshold: int = 1  # successes in a row to become ready, 1..20; default 1
     unhealthy_threshold: int = 5  # failures in a row to be replaced, 1..20; default 5
+    start_timeout: float = 60.0  # seconds a new instance may take to be healthy, up to 10m
 
 
 class QueueSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -578,6 +580,9 @@ def _health_check(value: object) -> HealthCheckSpec:
         ),
         unhealthy_threshold=fields.integer(
             "unhealthy_threshold", default.unhealthy_threshold, 1, _MAX_THRESHOLD
+        ),
+        start_timeout=fields.duration(
+            "start_timeout", default.start_timeout, ceiling=_MAX_START_SECONDS
         ),
     )
 

@@ -267,6 +267,20 @@ async def test_tcp_probe_listening() -> None:
 
 
 @pytest.mark.both_loops
+async def test_tcp_probe_fails_when_the_connection_is_closed_at_once() -> None:
+    """What Docker's userland proxy does on a published port with nothing listening behind
+    it: accept, then close. That is not a healthy instance."""
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(on_client, "127.0.0.1", 0)
+    async with server:
+        result = await probe(address_of(server.sockets[0]), policy(protocol="tcp"), session=None)
+    assert result == ProbeResult(False, "accepted a connection and closed it at once")
+
+
+@pytest.mark.both_loops
 @pytest.mark.parametrize("protocol", [pytest.param("tcp"), pytest.param("http")])
 async def test_probe_closed_port_is_refused(protocol: str) -> None:
     """A port nobody listens on fails at once with "connection refused"."""
@@ -473,6 +487,25 @@ async def test_checker_stops_watching_after_start_timeout() -> None:
         await asyncio.wait_for(_task_end(checker, "i-1"), 5)
         assert checker.watched() == frozenset()
         assert scripted_probe.calls.empty()
+    finally:
+        await checker.close()
+
+
+async def test_checker_takes_the_start_timeout_from_the_service_file() -> None:
+    """health_check.start_timeout bounds a start when the checker is not given one."""
+    time = FakeTime()
+    scripted_probe = ScriptedProbe(time)
+    checker = HealthChecker(clock=time.clock, sleep=time.sleep, probe=scripted_probe)
+    done = asyncio.get_running_loop().create_future()
+    checker.watch("i-1", "127.0.0.1:1", policy(start_timeout=0.02), lambda *c: done.set_result(c))
+    try:
+        await scripted_probe.next_call()
+        scripted_probe.answer(False)  # T0: before the deadline
+        await scripted_probe.next_call()
+        scripted_probe.answer(False)  # +16 ms
+        await scripted_probe.next_call()
+        scripted_probe.answer(False)  # +32 ms: past it
+        assert await asyncio.wait_for(done, 5) == ("i-1", START_TIMEOUT, "connection refused")
     finally:
         await checker.close()
 

@@ -106,6 +106,7 @@ def test_full_example_is_read(load: Callable[[str], ServiceSpec], tmp_path: Path
           timeout: 500ms
           healthy_threshold: 2
           unhealthy_threshold: 3
+          start_timeout: 2m
         domains: [hello.example.com, www.hello.example.com]
         request_timeout: 30s
         queue:
@@ -138,6 +139,7 @@ def test_full_example_is_read(load: Callable[[str], ServiceSpec], tmp_path: Path
             timeout=0.5,
             healthy_threshold=2,
             unhealthy_threshold=3,
+            start_timeout=120.0,
         ),
         domains=("hello.example.com", "www.hello.example.com"),
         request_timeout=30.0,
@@ -528,6 +530,11 @@ BAD_FILES = [
         "image: hello:1\nhealth_check: {healthy_threshold: 21}",
         "hello.yaml: health_check.healthy_threshold: must be between 1 and 20 (got 21)",
         id="health-threshold-over-20",
+    ),
+    pytest.param(
+        "image: hello:1\nhealth_check: {start_timeout: 11m}",
+        "hello.yaml: health_check.start_timeout: must be at most 600s (got '11m')",
+        id="start-timeout-over-10m",
     ),
     pytest.param(
         "image: hello:1\nhealth_check: {unhealthy_threshold: 0}",

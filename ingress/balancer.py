@@ -15,6 +15,11 @@ hot path between taking a request and forwarding it. Its rules:
   acquire and release are O(log n) and never scan the instances.
 - **FIFO holding.** Requests are held, in one bounded queue, only while no ready instance has
   a free slot; freed or new capacity goes to the oldest at once, and no request jumps it.
+- **Ejection.** An instance that just failed a request before answering (refused, reset)
+  is taken out of the rotation for a moment (:meth:`ServiceBalancer.eject`): a dead one
+  fails fast, so least-outstanding would otherwise send it every new request until the
+  scaler's update arrives. It comes back by itself when the moment ends (:meth:`expire`)
+  or when the scaler lists it again as ready after a drain.
 - **Re-entrancy.** Callbacks (``Waiter.grant``, ``on_drained``) run once the balancer's own
   state is consistent and may call back into it; one loop issues grants, never recursion, so
   thousands of waiters whose clients left cannot blow the stack.
@@ -47,7 +52,17 @@ _COMPACT_MIN_DEAD = 64
 class Instance:
     """One upstream instance; the proxy reads the public attributes directly."""
 
-    __slots__ = ("_drain_reported", "_owner", "_pos", "_seq", "address", "id", "inflight", "state")
+    __slots__ = (
+        "_drain_reported",
+        "_ejected_until",
+        "_owner",
+        "_pos",
+        "_seq",
+        "address",
+        "id",
+        "inflight",
+        "state",
+    )
 
     def __init__(self, id: str, address: tuple[str, int], state: str, seq: int = 0) -> None:
         self.id = id
@@ -58,6 +73,7 @@ class Instance:
         self._pos = -1  # index in the ready heap, -1 when not ready
         self._owner: ServiceBalancer | None = None  # None once forgotten
         self._drain_reported = False  # on_drained already called for this drain
+        self._ejected_until = 0.0  # > 0: ready but out of the rotation until then
 
     def __repr__(self) -> str:
         return f"Instance({self.id!r}, {self.state}, inflight={self.inflight})"
@@ -101,6 +117,7 @@ class ServiceBalancer:
         "_completions",
         "_dead",
         "_dispatching",
+        "_ejected",
         "_heap",
         "_inflight",
         "_known",
@@ -125,7 +142,8 @@ class ServiceBalancer:
     ) -> None:
         self.name = name
         self._on_drained = on_drained
-        self._heap: list[Instance] = []  # ready instances only
+        self._heap: list[Instance] = []  # ready instances only, ejected ones excepted
+        self._ejected: list[Instance] = []  # ready but out of the rotation for a moment
         self._by_id: dict[str, Instance] = {}  # current (ready or draining) instances
         self._known: dict[Instance, None] = {}  # ordered set: current plus removed-but-busy
         self._queue: deque[HeldRequest] = deque()  # head is always pending (or queue empty)
@@ -183,8 +201,13 @@ class ServiceBalancer:
         return bool(heap) and (self._max is None or heap[0].inflight < self._max)
 
     def next_deadline(self) -> float | None:
-        """Earliest deadline among held requests: the head's, since FIFO is deadline order."""
-        return self._queue[0].deadline if self._queue else None
+        """Earliest deadline among held requests (the head's: FIFO is deadline order) and the
+        ends of ejections."""
+        deadline = self._queue[0].deadline if self._queue else None
+        for instance in self._ejected:
+            if deadline is None or instance._ejected_until < deadline:
+                deadline = instance._ejected_until
+        return deadline
 
     # -- configuration ----------------------------------------------------------------------
 
@@ -265,7 +288,7 @@ class ServiceBalancer:
                 # Every other ready instance is full (module invariant), so the heap top is
                 # this one and the oldest held request gets exactly the slot just freed.
                 self._dispatch()
-        elif instance.inflight == 0:
+        elif instance.inflight == 0 and instance.state != READY:  # READY here: ejected
             drained: list[Instance] = []
             self._note_idle(instance, drained)
             self._report(drained)
@@ -300,8 +323,21 @@ class ServiceBalancer:
             self._queue = deque(h for h in self._queue if h._pending)
             self._dead = 0
 
+    def eject(self, instance: Instance, until: float) -> bool:
+        """Take a ready instance out of the rotation until ``until`` (its in-flight requests
+        go on); False if it is not ready in this service, or already out."""
+        if instance._owner is not self or instance.state != READY or instance._pos < 0:
+            return False
+        self._heap_remove(instance)
+        instance._ejected_until = until
+        self._ejected.append(instance)
+        return True
+
     def expire(self, now: float) -> list[Waiter]:
-        """Remove and return, oldest first, the held requests whose deadline is <= now."""
+        """Put back ejected instances whose time is up; remove and return, oldest first, the
+        held requests whose deadline is <= now."""
+        if self._ejected:
+            self._readmit(now)
         expired: list[Waiter] = []
         queue = self._queue
         while queue and queue[0].deadline <= now:
@@ -351,6 +387,17 @@ class ServiceBalancer:
         self._dispatch()
         self._report(drained)
 
+    def _readmit(self, now: float) -> None:
+        back = [i for i in self._ejected if i._ejected_until <= now]
+        if not back:
+            return
+        self._ejected = [i for i in self._ejected if i._ejected_until > now]
+        for instance in back:
+            instance._ejected_until = 0.0
+            if instance.state == READY and instance._owner is self:
+                self._heap_push(instance)
+        self._dispatch()
+
     def _take(self, instance: Instance) -> None:
         instance.inflight += 1
         self._inflight += 1
@@ -390,7 +437,10 @@ class ServiceBalancer:
     def _transition(self, instance: Instance, state: str) -> None:
         if state not in _TRANSITIONS[instance.state]:
             raise RuntimeError(f"{instance!r}: illegal transition to {state}")
-        if instance.state == READY:
+        if instance._ejected_until:  # leaving ready ends the ejection
+            instance._ejected_until = 0.0
+            self._ejected.remove(instance)
+        elif instance.state == READY:
             self._heap_remove(instance)
         instance.state = state
         if state == READY:

@@ -64,6 +64,9 @@ _DL_REQUEST = 3  # a request is in progress: request_timeout
 _BODY_BUFFER_LIMIT = 65536
 
 # RFC 9110 §9.2.2: these may be retried when nothing came back.
+# Failures before any answer that say the instance itself is unwell (not the request): it is
+# ejected for a moment (ingress.router.EJECT_SECONDS).
+_EJECTING = frozenset({"connect", "reset"})
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -592,6 +595,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _upstream_failed_early(self, kind: str, reason: str) -> None:
         """The instance failed before any response byte reached the client."""
+        if kind in _EJECTING:
+            self._eject()
         if kind == "connect" and not self._retried:
             self._retry()  # nothing was sent: any request may go elsewhere
             return
@@ -600,9 +605,17 @@ class ClientConnection(asyncio.Protocol):
         status = 504 if kind == "timeout" else 502
         self._respond_error(status, f"instance {kind}: {reason}")
 
+    def _eject(self) -> None:
+        """This request's instance refused or reset it: out of the rotation for a moment,
+        so neither the retry nor new requests go to an instance that is likely gone."""
+        service, instance = self._service, self._instance
+        if service is not None and instance is not None:
+            service.eject(instance, self._ctx.loop.time())
+
     def _retry(self) -> None:
         """Once per request: give the request to another instance if there is one."""
         self._retried = True
+        self._eject()
         service = self._service
         failed = self._instance
         assert service is not None and failed is not None

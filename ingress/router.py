@@ -29,6 +29,11 @@ from ingress.messages import (
 )
 from ingress.upstream import UpstreamPool
 
+# Seconds an instance that failed a request before answering stays out of the rotation: long
+# enough for the scaler to learn of a dead instance (its exit event, then an update, takes
+# milliseconds), short enough that a hiccup costs little capacity.
+EJECT_SECONDS = 1.0
+
 if TYPE_CHECKING:
     from ingress.timers import TimerWheel
 
@@ -109,6 +114,20 @@ class Service:
             )
         return pool
 
+    def eject(self, instance: Instance, now: float) -> None:
+        """The instance failed a request before answering (refused, reset): out of the
+        rotation for EJECT_SECONDS, and its idle connections, likely dead too, closed."""
+        if self.balancer.eject(instance, now + EJECT_SECONDS):
+            pool = self.pools.pop(instance, None)
+            if pool is not None:
+                pool.close()  # connections out on requests are closed when they come back
+            self._schedule()
+
+    def _schedule(self) -> None:
+        deadline = self.balancer.next_deadline()
+        if deadline is not None:
+            self._router.wheel.schedule(self, deadline)
+
     def hold(self, client: HeldClient, now: float) -> HeldRequest | None:
         """Hold a request that no instance can take now; None when the queue is full.
 
@@ -119,16 +138,14 @@ class Service:
         if held is not None and balancer.queued == 1:
             # First held request of a burst: the cold-start signal, and the queue's timer.
             self._router.emit(ColdStartEvent(service=self.name, queued=1, time=now))
-            self._router.wheel.schedule(self, held.deadline)
+            self._schedule()
         return held
 
     def on_deadline(self, now: float) -> None:
         """The oldest held request may have timed out: answer 503 for every expired one."""
         for waiter in self.balancer.expire(now):
             cast(HeldClient, waiter).queue_expired()
-        deadline = self.balancer.next_deadline()
-        if deadline is not None:
-            self._router.wheel.schedule(self, deadline)
+        self._schedule()
 
     def _on_drained(self, instance: Instance) -> None:
         pool = self.pools.get(instance)

@@ -881,3 +881,72 @@ class BalancerMachine(RuleBasedStateMachine):
 
 TestBalancerMachine = BalancerMachine.TestCase
 TestBalancerMachine.settings = settings(max_examples=300, stateful_step_count=60, deadline=None)
+
+
+# -- ejection ------------------------------------------------------------------------------------
+
+
+def test_an_ejected_instance_gets_nothing_new_until_its_time_is_up() -> None:
+    bal = make("ab", max_concurrency=None)
+    a, b = by_id(bal)["a"], by_id(bal)["b"]
+    assert bal.eject(a, until=10.0)
+    assert not bal.eject(a, until=20.0)  # already out
+    assert [bal.acquire() for _ in range(3)] == [b, b, b]
+    assert bal.next_deadline() == 10.0
+    assert bal.expire(9.9) == []
+    assert bal.acquire() is b  # still out
+    assert bal.expire(10.0) == []
+    assert bal.next_deadline() is None
+    assert bal.acquire() is a  # back, and the least loaded
+
+
+def test_ejecting_the_last_instance_holds_requests_until_it_is_back() -> None:
+    bal = make("a", max_concurrency=1)
+    a = by_id(bal)["a"]
+    first = bal.acquire()
+    assert first is a
+    bal.eject(a, until=5.0)
+    waiter = Recorder("w")
+    assert bal.hold(waiter, now=1.0) is not None
+    bal.release(a)  # the failed request lets go: no grant to an ejected instance
+    assert waiter.granted == []
+    assert bal.next_deadline() == 5.0  # before the held request's own deadline (6.0)
+    bal.expire(5.0)
+    assert waiter.granted == [a]
+
+
+def test_an_ejected_instance_at_zero_is_not_reported_drained() -> None:
+    drained: list[str] = []
+    bal = make("ab", max_concurrency=None, on_drained=lambda i: drained.append(i.id))
+    a = bal.acquire()
+    assert a is not None
+    bal.eject(a, until=3.0)
+    bal.release(a)
+    assert drained == []
+    assert a.inflight == 0
+
+
+def test_draining_or_removing_an_ejected_instance_ends_the_ejection() -> None:
+    drained: list[str] = []
+    bal = make("ab", max_concurrency=None, on_drained=lambda i: drained.append(i.id))
+    a = by_id(bal)["a"]
+    bal.eject(a, until=3.0)
+    bal.set_instances([("a", addr(0), "draining"), ("b", addr(1), "ready")])
+    assert drained == ["a"]
+    assert bal.next_deadline() is None
+    bal.set_instances([("a", addr(0), "ready"), ("b", addr(1), "ready")])
+    assert {bal.acquire(), bal.acquire()} == {a, by_id(bal)["b"]}  # ready again, in rotation
+    b = by_id(bal)["b"]
+    bal.eject(b, until=3.0)
+    bal.set_instances([("a", addr(0), "ready")])  # b removed while out
+    assert bal.next_deadline() is None
+    bal.expire(5.0)
+    assert all(i.id == "a" for i in [bal.acquire(), bal.acquire()])
+
+
+def test_only_a_ready_instance_of_this_service_can_be_ejected() -> None:
+    bal = make("ab", max_concurrency=None)
+    other = make("x")
+    bal.set_instances([("a", addr(0), "draining"), ("b", addr(1), "ready")])
+    assert not bal.eject(by_id(bal)["a"], until=1.0)
+    assert not bal.eject(by_id(other)["x"], until=1.0)

@@ -233,6 +233,35 @@ async def test_unreachable_instance_is_retried_on_another() -> None:
         assert service.balancer.inflight == 0
 
 
+async def test_an_instance_that_resets_is_ejected_for_a_moment() -> None:
+    """An instance that accepts and closes at once (a dead container behind Docker's proxy)
+    fails one request, which is retried elsewhere; then it gets nothing while ejected, so no
+    later request pays for it."""
+    accepted = 0
+
+    async def slam(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        writer.close()
+
+    dead = await asyncio.start_server(slam, "127.0.0.1", 0)
+    dead_address = "127.0.0.1:%d" % dead.sockets[0].getsockname()[1]
+    async with (
+        dead,
+        running_backends(1) as (backend,),
+        running_ingress([routing(addresses=[dead_address, backend.address])]) as ingress,
+        aiohttp.ClientSession() as session,
+    ):
+        for _ in range(20):
+            async with session.get(url(ingress, "/echo")) as r:
+                assert r.status == 200
+        service = ingress.router.service("svc")
+        assert service is not None
+        assert accepted == 1  # ties rotate: without ejection it would get every other one
+        assert backend.requests == 20
+        assert service.balancer.inflight == 0
+
+
 async def test_all_instances_unreachable_gives_502() -> None:
     """When no instance accepts the connection, the client gets a 502 made by the ingress."""
     async with (

@@ -392,9 +392,14 @@ def start_haproxy(
 
 
 def tidegate_command(
-    python: str, listen_port: int, upstream_port: int, metrics_port: int, no_access_log: bool
+    python: str,
+    listen_port: int,
+    upstream_port: int,
+    metrics_port: int,
+    access_log: str | None = None,
 ) -> list[str]:
-    """The one place that knows how to start tidegate's ingress in static mode."""
+    """The one place that knows how to start tidegate's ingress in static mode; its access
+    log goes to ``access_log`` (None: off)."""
     argv = [
         python,
         "-m",
@@ -407,8 +412,7 @@ def tidegate_command(
         "--metrics-listen",
         f"127.0.0.1:{metrics_port}",
     ]
-    if no_access_log:
-        argv.append("--no-access-log")
+    argv += ["--no-access-log"] if access_log is None else ["--access-log", access_log]
     return argv
 
 
@@ -416,30 +420,24 @@ def tidegate_command(
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _tidegate_has_flag(python: str, flag: str) -> bool:
-    try:
-        done = subprocess.run(
-            [python, "-m", "tidegate", "ingress", "--help"],
-            cwd=_REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 0 and flag in done.stdout
-
-
 def start_tidegate(
-    ws: Workspace, upstream_port: int, cpu_prefix: Sequence[str], python: str = sys.executable
+    ws: Workspace,
+    upstream_port: int,
+    cpu_prefix: Sequence[str],
+    python: str = sys.executable,
+    *,
+    name: str = "tidegate",
+    access_log: str | None = None,
 ) -> Endpoint:
-    """tidegate's ingress in static mode in front of the backend; ready when /-/ready is 200."""
+    """tidegate's ingress in static mode in front of the backend; ready when /-/ready is 200.
+    Metrics are always served (as in production); the access log only when given a path."""
     port, metrics_port = free_port(), free_port()
-    no_log = _tidegate_has_flag(python, "--no-access-log")
-    argv = [*cpu_prefix, *tidegate_command(python, port, upstream_port, metrics_port, no_log)]
+    argv = [
+        *cpu_prefix,
+        *tidegate_command(python, port, upstream_port, metrics_port, access_log),
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = ws.spawn("tidegate", argv, env=env, cwd=_REPO_ROOT)
+    proc = ws.spawn(name, argv, env=env, cwd=_REPO_ROOT)
     started = time.monotonic()
     metrics_answered = False
 
@@ -456,4 +454,4 @@ def start_tidegate(
 
     _wait_ready(proc, ready, _READY_TIMEOUT_S, "/-/ready")
     _check_answers(proc, port)
-    return Endpoint("tidegate", port, proc)
+    return Endpoint(name, port, proc)

@@ -5,9 +5,10 @@ the next; what is reported are ratios between targets measured in the same run. 
 (another tenant waking up, thermal limits) from favouring one target, the targets take turns
 within each cell of the matrix rather than each running its whole matrix in a block.
 
-Matrix: body (small, 64k) x connections (50, 1) x target (direct, tidegate, nginx, haproxy),
-each run preceded by a warm-up that is thrown away, the whole repeated `--rounds` times and
-summarized by the median of each figure.
+Matrix: body (small, 64k) x connections (50, 1) x target (direct, tidegate, tidegate+log,
+nginx, haproxy), each run preceded by a warm-up that is thrown away, the whole repeated
+`--rounds` times and summarized by the median of each figure. tidegate+log is the same
+ingress with its access log written to a file, so the log's cost is read off one run.
 
 The pure parts (`summarize`, `check_gates`) take measurements and return values, so the unit
 tests exercise them with made-up figures; `main` is the shell that starts processes and wrk.
@@ -42,7 +43,8 @@ __all__ = [
 ]
 
 # Canonical order: the order in which targets take turns within a cell, and of the table.
-TARGETS = ("direct", "tidegate", "nginx", "haproxy")
+# tidegate+log: the same ingress with its access log on, to a file (metrics are on in both)
+TARGETS = ("direct", "tidegate", "tidegate+log", "nginx", "haproxy")
 _BODY_PATHS = {"small": configs.SMALL_PATH, "64k": configs.LARGE_PATH}
 _CONNECTIONS = (50, 1)
 _DEFAULT_DURATION_S = 10
@@ -196,6 +198,14 @@ def _start_targets(
     pin = plan.proxy_prefix()
     if "tidegate" in targets:
         started["tidegate"] = procs.start_tidegate(ws, backend.port, pin)
+    if "tidegate+log" in targets:
+        started["tidegate+log"] = procs.start_tidegate(
+            ws,
+            backend.port,
+            pin,
+            name="tidegate-log",
+            access_log=str(ws.path("access.log")),
+        )
     if "nginx" in targets:
         started["nginx"] = procs.start_nginx_proxy(ws, tools["nginx"], backend.port, pin)
     if "haproxy" in targets:

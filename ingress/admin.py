@@ -5,7 +5,10 @@ listeners. Routes:
 
 - ``GET /-/healthy`` -> 200 ``ok`` for as long as the process serves it;
 - ``GET /-/ready``   -> 200 ``ready`` once ``ready()`` says so, 503 ``not ready`` before;
-- ``GET /metrics``   -> the registry in the Prometheus text format.
+- ``GET /metrics``   -> the registry in the Prometheus text format;
+- any extra ``routes`` the owner hands in (GET path -> aiohttp handler). The listener knows
+  nothing of what they serve: the scaler adds its status page at ``/`` this way, and the
+  ingress alone adds none (its ``/`` stays 404).
 
 The exposition is generated on the event loop, not in a thread: collectors such as the
 ingress's read loop-owned state (in-flight counts, queues) that is only consistent when read
@@ -15,19 +18,22 @@ millisecond, less than the hop to an executor and back would cost.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import prometheus_client
 from aiohttp import web
 
-__all__ = ["AdminServer"]
+__all__ = ["AdminServer", "Handler", "Route"]
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Route = tuple[str, Handler]  # a GET path and what answers it
 
 # Seconds close() lets in-flight requests (a scrape) finish before cancelling them.
 _SHUTDOWN_GRACE = 2.0
 
 
 class AdminServer:
-    """Serves ``/metrics``, ``/-/healthy`` and ``/-/ready`` on ``host:port``.
+    """Serves ``/metrics``, ``/-/healthy``, ``/-/ready`` and ``routes`` on ``host:port``.
 
     ``port`` 0 picks a free port, read back from :attr:`port` after :meth:`start`. Give
     ``host`` as an address: a name resolving to several addresses would get one free port
@@ -41,11 +47,13 @@ class AdminServer:
         *,
         ready: Callable[[], bool],
         registry: prometheus_client.CollectorRegistry,
+        routes: Sequence[Route] = (),
     ) -> None:
         self._host = host
         self._requested_port = port
         self._ready = ready
         self._registry = registry
+        self._routes = list(routes)
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
 
@@ -63,6 +71,8 @@ class AdminServer:
         app.router.add_get("/-/healthy", self._healthy)
         app.router.add_get("/-/ready", self._ready_route)
         app.router.add_get("/metrics", self._metrics)
+        for path, handler in self._routes:
+            app.router.add_get(path, handler)
         # No access log: a scrape every few seconds would drown the log.
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=_SHUTDOWN_GRACE)
         await runner.setup()

@@ -84,6 +84,14 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
         help="request head limit, 431 past it (default 64KiB)",
     )
     parser.add_argument("--upstream-idle-timeout", default="4s", metavar="DURATION")
+    parser.add_argument(
+        "--access-log",
+        default="-",
+        metavar="PATH",
+        help="one JSON line per request, to this file (default '-': standard output); "
+        "reopened on SIGUSR1 for logrotate",
+    )
+    parser.add_argument("--no-access-log", action="store_true", help="do not write the access log")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -174,6 +182,7 @@ def settings_from_args(args: argparse.Namespace) -> IngressSettings:
         drain_timeout=parse_duration(args.drain_timeout),
         max_head_bytes=parse_size(args.max_head_size),
         upstream_idle_timeout=parse_duration(args.upstream_idle_timeout),
+        access_log=None if args.no_access_log else args.access_log,
     )
 
 

@@ -17,14 +17,16 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from ingress.accesslog import AccessLog
 from ingress.router import Router
 
 _CLASSES = ("", "1xx", "2xx", "3xx", "4xx", "5xx")
 
 
 class IngressCollector(Collector):
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, access_log: AccessLog | None = None) -> None:
         self._router = router
+        self._access_log = access_log
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
@@ -72,6 +74,12 @@ class IngressCollector(Collector):
         for index in range(1, 6):
             if unrouted[index]:
                 requests.add_metric(["", _CLASSES[index]], unrouted[index])
+        if self._access_log is not None:
+            yield CounterMetricFamily(
+                "tidegate_access_log_dropped",
+                "Access log records dropped because the log could not keep up.",
+                value=self._access_log.dropped,
+            )
         yield requests
         yield inflight
         yield queued

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from time import monotonic as _clock  # vDSO: no syscall
 from typing import TYPE_CHECKING, Any, cast
 
 from ingress.h1.forward import (
@@ -42,6 +43,7 @@ from ingress.h1.forward import (
 from ingress.h1.request import RequestError, RequestHead, RequestReader
 
 if TYPE_CHECKING:
+    from ingress.accesslog import AccessLog
     from ingress.balancer import HeldRequest, Instance
     from ingress.h1.response import ResponseHead
     from ingress.router import Router, Service
@@ -53,6 +55,10 @@ _PAUSE_PIPELINE = 1  # a pipelined request waits for the current response
 _PAUSE_BODY = 2  # body bytes buffered while no upstream connection is ready
 _PAUSE_UPSTREAM = 4  # the upstream's write buffer is full
 _PAUSE_UPGRADE = 8  # an upgrade request waits for the instance's answer
+
+# Timings (queue wait, upstream time, durations) are measured with time.monotonic, not the
+# loop's clock: uvloop's loop.time() is libuv's millisecond tick, cached per iteration, too
+# coarse for a proxy that adds well under a millisecond. Deadlines stay on the loop's clock.
 
 # What the connection's single deadline means right now.
 _DL_NONE = 0
@@ -76,6 +82,7 @@ class ProxyContext:
     """What every client connection of one ingress shares."""
 
     __slots__ = (
+        "access_log",
         "all_closed",
         "connections",
         "draining",
@@ -96,7 +103,9 @@ class ProxyContext:
         keepalive_timeout: float,
         head_timeout: float,
         max_head_bytes: int,
+        access_log: AccessLog | None = None,
     ) -> None:
+        self.access_log = access_log
         self.loop = loop
         self.router = router
         self.wheel = wheel
@@ -118,6 +127,7 @@ class ClientConnection(asyncio.Protocol):
         "_body",
         "_body_buffered",
         "_body_size",
+        "_bytes_out",
         "_client_ip",
         "_closed",
         "_ctx",
@@ -126,6 +136,7 @@ class ClientConnection(asyncio.Protocol):
         "_head",
         "_held",
         "_instance",
+        "_instance_id",
         "_keep_alive",
         "_pause_mask",
         "_pending",
@@ -143,6 +154,9 @@ class ClientConnection(asyncio.Protocol):
         "_service",
         "_status",
         "_t0",
+        "_t_grant",
+        "_t_head",
+        "_trace",
         "_transport",
         "_tunnel",
         "_tunnel_leftover",
@@ -195,6 +209,11 @@ class ClientConnection(asyncio.Protocol):
         self._tunnel_leftover = b""
         self._resume_reader = False
         self._t0 = 0.0
+        self._t_grant = -1.0  # when an instance was given to the request (-1: never)
+        self._t_head = -1.0  # when the instance's response head came (-1: never)
+        self._bytes_out = 0  # response body bytes from the instance
+        self._trace = b""
+        self._instance_id = ""
 
     # -- asyncio.Protocol: the client side -------------------------------------------------
 
@@ -301,7 +320,8 @@ class ClientConnection(asyncio.Protocol):
         ctx = self._ctx
         self._seq += 1
         self._head = head
-        self._t0 = now = ctx.loop.time()
+        self._t0 = _clock()
+        now = ctx.loop.time()  # deadlines are on the loop's clock
         service = ctx.router.route(head.host)
         if service is None:
             self._respond_error(404, "no service for this host")
@@ -312,7 +332,7 @@ class ClientConnection(asyncio.Protocol):
         if limit is not None and head.content_length is not None and head.content_length > limit:
             self._respond_error(413, f"request body over {limit} bytes")
             return
-        self._up_head, self._request_id, _trace = upstream_request(
+        self._up_head, self._request_id, self._trace = upstream_request(
             head,
             client_ip=self._client_ip,
             scheme=self._scheme,
@@ -321,6 +341,7 @@ class ClientConnection(asyncio.Protocol):
         instance = service.balancer.acquire()
         if instance is not None:
             service.queue_wait.counts[0] += 1  # no wait: the lowest bucket, adds 0 to the sum
+            self._t_grant = self._t0
             self._dispatch(instance)
             return
         held = service.hold(self, now)
@@ -332,8 +353,9 @@ class ClientConnection(asyncio.Protocol):
     def grant(self, instance: Instance) -> None:
         """The hold queue gave this request a slot on `instance` (Waiter protocol)."""
         self._held = None
+        self._t_grant = now = _clock()
         if self._service is not None:
-            self._service.queue_wait.observe(self._ctx.loop.time() - self._t0)
+            self._service.queue_wait.observe(now - self._t0)
         if self._closed or self._service is None:
             # cannot happen while the queue cancels on connection_lost, but never leak a slot
             if self._service is not None:
@@ -356,6 +378,7 @@ class ClientConnection(asyncio.Protocol):
         service = self._service
         assert service is not None
         self._instance = instance
+        self._instance_id = instance.id
         pool = service.pool_for(instance)
         conn = pool.take()
         if conn is not None:
@@ -468,6 +491,7 @@ class ClientConnection(asyncio.Protocol):
                     keep_alive=True,
                     head_request=False,
                     tunnel=True,
+                    server_timing=self._server_timing(),
                 )
                 self._response_started = True
                 self._status = 101
@@ -495,12 +519,24 @@ class ClientConnection(asyncio.Protocol):
             client_minor=request.http_minor,
             keep_alive=keep_alive,
             head_request=request.method == b"HEAD",
+            server_timing=self._server_timing(),
         )
         self._keep_alive = keep_alive and mode != BODY_CLOSE
         self._resp_mode = mode
         self._wbuf.append(data)
 
+    def _server_timing(self) -> bytes:
+        """Server-Timing for the response head being sent now: the queue wait and the
+        instance's time to answer (from getting an instance, connect included), in ms."""
+        self._t_head = now = _clock()
+        granted = self._t_grant
+        return b"queue;dur=%.1f, upstream;dur=%.1f" % (
+            (granted - self._t0) * 1000,
+            (now - granted) * 1000,
+        )
+
     def on_upstream_body(self, data: bytes) -> None:
+        self._bytes_out += len(data)
         mode = self._resp_mode
         if mode == BODY_CHUNKED:
             if data:
@@ -697,6 +733,8 @@ class ClientConnection(asyncio.Protocol):
         self._keep_alive = keep_alive
         self._status = status
         self._response_started = True
+        # how long it waited for an instance (until now if it never got one)
+        waited = (self._t_grant if self._t_grant >= 0 else _clock()) - self._t0
         self._wbuf.append(
             error_response(
                 status,
@@ -705,6 +743,7 @@ class ClientConnection(asyncio.Protocol):
                 close=not keep_alive,
                 retry_after=retry_after,
                 head_request=head.method == b"HEAD",
+                server_timing=b"queue;dur=%.1f" % (waited * 1000),
             )
         )
         if keep_alive:
@@ -716,7 +755,36 @@ class ClientConnection(asyncio.Protocol):
         service = self._service
         assert service is not None
         service.codes[self._status // 100] += 1
-        service.duration.observe(self._ctx.loop.time() - self._t0)
+        service.duration.observe(_clock() - self._t0)
+
+    def _log_access(self) -> None:
+        head = self._head
+        log = self._ctx.access_log
+        if head is None or log is None:
+            return
+        t0 = self._t0
+        now = _clock()
+        granted = self._t_grant
+        service = self._service
+        log.record(
+            (
+                t0,
+                self._request_id,
+                self._trace or b"",
+                self._client_ip,
+                head.method,
+                head.target,
+                head.host or b"",
+                service.name if service is not None else "",
+                self._instance_id,
+                self._status,
+                self._body_size,
+                self._bytes_out,
+                (granted if granted >= 0 else now) - t0,
+                self._t_head - granted if self._t_head >= 0 and granted >= 0 else -1.0,
+                now - t0,
+            )
+        )
 
     def _cancel_held(self) -> None:
         held = self._held
@@ -745,6 +813,8 @@ class ClientConnection(asyncio.Protocol):
             self._count_response()
         elif self._status:
             self._ctx.router.unrouted[self._status // 100] += 1
+        if self._ctx.access_log is not None:
+            self._log_access()
         self.flush()
         keep_alive = self._keep_alive and not self._ctx.draining
         resume_reader = self._resume_reader

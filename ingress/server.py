@@ -15,12 +15,14 @@ import os
 import signal
 import socket
 import ssl
+from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
 from prometheus_client import CollectorRegistry
 
-from ingress.admin import AdminServer
+from ingress.accesslog import AccessLog
+from ingress.admin import AdminServer, Route
 from ingress.control import ControlServer
 from ingress.messages import ServiceRouting, parse_address
 from ingress.metrics import IngressCollector
@@ -48,6 +50,7 @@ class IngressSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_head_bytes: int = 65536  # request head limit: 431 past it
     upstream_idle_timeout: float = 4.0  # below common app servers' keep-alive (5 s)
     max_idle_per_instance: int = 128  # idle upstream connections kept per instance
+    access_log: str | None = None  # JSON lines per request to this file ("-": stdout)
 
 
 def split_listen(address: str) -> tuple[str, int]:
@@ -65,6 +68,7 @@ class Ingress:
         self.router = Router(
             self.wheel, self._loop.time, max_idle_per_instance=settings.max_idle_per_instance
         )
+        self.access_log = AccessLog(settings.access_log) if settings.access_log else None
         self.context = ProxyContext(
             self._loop,
             self.router,
@@ -72,9 +76,10 @@ class Ingress:
             keepalive_timeout=settings.keepalive_timeout,
             head_timeout=settings.head_timeout,
             max_head_bytes=settings.max_head_bytes,
+            access_log=self.access_log,
         )
         self.registry = CollectorRegistry()
-        self.registry.register(IngressCollector(self.router))
+        self.registry.register(IngressCollector(self.router, self.access_log))
         self._servers: list[asyncio.Server] = []
         self.http_addresses: list[tuple[str, int]] = []
         self.https_addresses: list[tuple[str, int]] = []
@@ -92,18 +97,27 @@ class Ingress:
         sockets: list[socket.socket] | None = None,
         tls_sockets: list[socket.socket] | None = None,
         mark_ready: bool = True,
+        admin_routes: Sequence[Route] = (),
     ) -> None:
         """Listen (binding unless sockets are handed in), then serve the control API.
 
         `mark_ready=False` leaves /-/ready at 503 until set_ready(): for a caller that loads
         its services through the control API after this returns (`tidegate up`).
+        `admin_routes` are extra GET routes for the metrics listener (`tidegate up` serves
+        the scaler's status page at ``/``); the ingress alone has none.
         """
         settings = self.settings
         loop = self._loop
         tls_context = self._tls_context()
+        if self.access_log is not None:
+            self.access_log.start()  # an unwritable path fails here, before serving
+            # logrotate moves the file away, then signals: reopen at the same path
+            loop.add_signal_handler(signal.SIGUSR1, self.access_log.reopen)
         if settings.metrics_listen:
             host, port = split_listen(settings.metrics_listen)
-            self.admin = AdminServer(host, port, ready=self.ready, registry=self.registry)
+            self.admin = AdminServer(
+                host, port, ready=self.ready, registry=self.registry, routes=admin_routes
+            )
             await self.admin.start()
         if sockets is None:
             sockets = [_bind(*split_listen(a)) for a in settings.listen]
@@ -205,6 +219,11 @@ class Ingress:
         if self.admin is not None:
             await self.admin.close()
             self.admin = None
+        if self.access_log is not None:
+            self._loop.remove_signal_handler(signal.SIGUSR1)
+            await self.access_log.close()
+            self.access_log = None
+            self.context.access_log = None
 
 
 def _bind(host: str, port: int) -> socket.socket:

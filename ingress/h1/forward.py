@@ -387,6 +387,7 @@ def error_response(
     close: bool,
     retry_after: int | None = None,
     head_request: bool = False,
+    server_timing: bytes | None = None,
 ) -> bytes:
     """A complete response the ingress makes itself, with a one-line text/plain body.
 
@@ -406,6 +407,8 @@ def error_response(
     ]
     if retry_after is not None:
         parts.append(b"retry-after: %d\r\n" % max(retry_after, 0))
+    if server_timing is not None:
+        parts += (b"server-timing: ", server_timing, b"\r\n")
     if close:
         parts.append(b"connection: close\r\n")
     parts.append(b"\r\n")

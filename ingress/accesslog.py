@@ -1,0 +1,219 @@
+"""The access log: one JSON line per request, written in batches off the request path.
+
+The proxy appends one tuple of raw values per finished request (:meth:`AccessLog.record`):
+no formatting, no clock read, no syscall. Every ``flush_interval`` (or once ``batch_size``
+records are waiting) the batch is handed to one writer thread, which turns it into JSON
+lines and writes them with one ``write`` per batch. A slow destination (a full pipe, a
+stalled disk) therefore never blocks the event loop: batches wait in a bounded queue, and
+past ``max_pending`` batches new records are dropped and counted (:attr:`dropped`), because
+a proxy that stops serving to keep its log complete is worse than a gap in the log.
+
+Times: the proxy's timestamps are ``time.monotonic()``; they are turned into wall-clock time
+with one offset read per batch, so a line's ``time`` is the request's arrival.
+
+``reopen()`` (SIGUSR1) makes the writer close and reopen the file before its next write, so
+logrotate can move the file away and signal; standard output is never reopened.
+
+Record fields, in order: ``time`` (RFC 3339 UTC, ms), ``request_id``, ``trace_id``,
+``client``, ``method``, ``path``, ``host``, ``service``, ``instance``, ``status``,
+``bytes_in`` (request body), ``bytes_out`` (response body), ``queue_ms``, ``upstream_ms``
+(instance chosen to response head; null when no instance answered), ``total_ms``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+
+import msgspec
+
+__all__ = ["AccessLog", "AccessRecord", "format_batch"]
+
+_log = logging.getLogger(__name__)
+
+# (arrived, request_id, trace_id, client, method, path, host, service, instance, status,
+#  bytes_in, bytes_out, queue_s, upstream_s or -1.0, total_s); arrived is time.monotonic()
+Raw = tuple[
+    float, bytes, bytes, bytes, bytes, bytes, bytes, str, str, int, int, int, float, float, float
+]
+
+
+class AccessRecord(msgspec.Struct, frozen=True):
+    time: str
+    request_id: str
+    trace_id: str | None
+    client: str
+    method: str
+    path: str
+    host: str
+    service: str | None
+    instance: str | None
+    status: int
+    bytes_in: int
+    bytes_out: int
+    queue_ms: float
+    upstream_ms: float | None
+    total_ms: float
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def _text(value: bytes) -> str:
+    return value.decode("latin-1")  # header bytes as they came: never a decode error
+
+
+def _iso(seconds: float) -> str:
+    moment = dt.datetime.fromtimestamp(seconds, dt.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def format_batch(batch: list[Raw], wall_offset: float) -> bytes:
+    """JSON lines for ``batch``; ``wall_offset`` turns the loop's clock into epoch seconds."""
+    records = [
+        AccessRecord(
+            time=_iso(arrived + wall_offset),
+            request_id=_text(rid),
+            trace_id=_text(trace) or None,
+            client=_text(client),
+            method=_text(method),
+            path=_text(path),
+            host=_text(host),
+            service=service or None,
+            instance=instance or None,
+            status=status,
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+            queue_ms=round(queue_s * 1000, 3),
+            upstream_ms=None if upstream_s < 0 else round(upstream_s * 1000, 3),
+            total_ms=round(total_s * 1000, 3),
+        )
+        for (
+            arrived,
+            rid,
+            trace,
+            client,
+            method,
+            path,
+            host,
+            service,
+            instance,
+            status,
+            bytes_in,
+            bytes_out,
+            queue_s,
+            upstream_s,
+            total_s,
+        ) in batch
+    ]
+    return _encoder.encode_lines(records)
+
+
+class AccessLog:
+    """Collects records on the loop and writes them from a thread to ``path`` ("-": stdout)."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        flush_interval: float = 0.1,
+        batch_size: int = 1024,
+        max_pending: int = 256,
+    ) -> None:
+        self.path = path
+        self.dropped = 0  # records not written because the writer fell behind
+        self.written = 0  # records handed to the writer
+        self._flush_interval = flush_interval
+        self._batch_size = batch_size
+        self._max_pending = max_pending
+        self._batch: list[Raw] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: queue.SimpleQueue[tuple[list[Raw], float] | None] = queue.SimpleQueue()
+        # batches handed over (written on the loop) and written (by the thread): one writer
+        # each, so no lock; their difference is what waits
+        self._handed = 0
+        self._done = 0
+        self._reopen = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._fd = -1
+
+    def start(self) -> None:
+        """Open the destination (errors surface here, before serving) and start the writer."""
+        self._loop = asyncio.get_running_loop()
+        self._fd = self._open()
+        self._thread = threading.Thread(target=self._write_loop, name="access-log", daemon=True)
+        self._thread.start()
+
+    def record(self, raw: Raw) -> None:
+        """One finished request (hot path: an append, and a timer once per batch)."""
+        batch = self._batch
+        batch.append(raw)
+        if len(batch) >= self._batch_size:
+            self.flush()
+        elif self._timer is None and self._loop is not None:
+            self._timer = self._loop.call_later(self._flush_interval, self.flush)
+
+    def flush(self) -> None:
+        """Hand the waiting records to the writer now."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch = self._batch
+        if not batch:
+            return
+        self._batch = []
+        if self._handed - self._done >= self._max_pending or self._thread is None:
+            self.dropped += len(batch)
+            return
+        self._handed += 1
+        self.written += len(batch)
+        self._queue.put((batch, time.time() - time.monotonic()))
+
+    def reopen(self) -> None:
+        """Reopen the file before the next write (after logrotate moved it)."""
+        self._reopen.set()
+
+    async def close(self) -> None:
+        """Write what is waiting, then stop the writer."""
+        self.flush()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            await asyncio.get_running_loop().run_in_executor(None, thread.join)
+        if self._fd > 2:
+            os.close(self._fd)
+        self._fd = -1
+
+    # -- the writer thread ---------------------------------------------------------------
+
+    def _open(self) -> int:
+        if self.path == "-":
+            return sys.stdout.fileno()
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch, offset = item
+            try:
+                data = format_batch(batch, offset)
+                if self._reopen.is_set() and self.path != "-":
+                    self._reopen.clear()
+                    old, self._fd = self._fd, self._open()
+                    os.close(old)
+                view = memoryview(data)
+                while view:  # a pipe may take part of a write
+                    view = view[os.write(self._fd, view) :]
+            except Exception:
+                _log.exception("writing the access log to %s failed", self.path)
+            finally:
+                self._done += 1

@@ -245,7 +245,7 @@ async def test_an_instance_that_resets_is_ejected_for_a_moment() -> None:
         writer.close()
 
     dead = await asyncio.start_server(slam, "127.0.0.1", 0)
-    dead_address = "127.0.0.1:%d" % dead.sockets[0].getsockname()[1]
+    dead_address = f"127.0.0.1:{dead.sockets[0].getsockname()[1]}"
     async with (
         dead,
         running_backends(1) as (backend,),

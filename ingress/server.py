@@ -3,7 +3,9 @@
 :class:`Ingress` wires the pieces together and owns their lifecycle. Shutdown (SIGTERM or
 SIGINT) follows what systemd and load balancers expect: stop accepting, close idle keep-alive
 connections, let in-flight requests finish (their responses say ``Connection: close``) within
-``drain_timeout``, then close what is left and exit 0.
+``drain_timeout``, then close what is left and exit 0. Under systemd, :func:`serve` also
+takes socket-activated listeners and reports readiness, status, watchdog pings and stopping
+(:mod:`ingress.systemd`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 import signal
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import msgspec
@@ -28,6 +30,7 @@ from ingress.messages import ServiceRouting, parse_address
 from ingress.metrics import IngressCollector
 from ingress.proxy import ClientConnection, ProxyContext
 from ingress.router import Router
+from ingress.systemd import Notifier, Ticker, activated_listeners, start_watchdog
 from ingress.timers import TimerWheel
 
 log = logging.getLogger("tidegate.ingress")
@@ -152,6 +155,34 @@ class Ingress:
         """/-/ready answers 200 from now on: the configuration is loaded."""
         self._ready = True
 
+    def listening_text(self) -> str:
+        """Where it listens, for systemd's STATUS line: ``http://127.0.0.1:8080, ...``."""
+        urls = [
+            f"{scheme}://{_url_host(host)}:{port}"
+            for scheme, addresses in (
+                ("http", self.http_addresses),
+                ("https", self.https_addresses),
+            )
+            for host, port in addresses
+        ]
+        return ", ".join(urls) or "no listener"
+
+    def status_text(self) -> str:
+        """One line of what it is doing, for systemd's STATUS (cheap: a pass over services)."""
+        if self.context.draining:
+            return f"draining {len(self.context.connections)} connection(s)"
+        services = self.router.all_services()
+        ready = inflight = queued = 0
+        for service in services:
+            balancer = service.balancer
+            ready += balancer.ready_count
+            inflight += balancer.inflight
+            queued += balancer.queued
+        return (
+            f"serving {len(services)} service(s), {ready} ready instance(s), "
+            f"{inflight} request(s) in flight, {queued} queued"
+        )
+
     def _tls_context(self) -> ssl.SSLContext | None:
         from ingress import tls
 
@@ -179,15 +210,20 @@ class Ingress:
                 pool.expire(older_than)
         self._schedule_housekeeping()
 
-    async def drain(self) -> None:
-        """Stop accepting, finish in-flight requests within drain_timeout, close the rest."""
+    async def drain(self, on_draining: Callable[[int], object] | None = None) -> None:
+        """Stop accepting, finish in-flight requests within drain_timeout, close the rest.
+
+        `on_draining` is called once accepting has stopped and idle connections are closed,
+        with the number of connections left to finish (for systemd's STOPPING=1).
+        """
         self._ready = False
         ctx = self.context
         ctx.draining = True
         for server in self._servers:
             server.close()
-        for conn in list(ctx.connections):
-            conn.close_if_idle()
+        busy = sum(not conn.close_if_idle() for conn in list(ctx.connections))
+        if on_draining is not None:
+            on_draining(busy)
         if ctx.connections:
             # each connection closes itself after its response; the last one sets the event
             ctx.all_closed = asyncio.Event()
@@ -242,30 +278,83 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+STATUS_INTERVAL = 5.0  # seconds between systemd STATUS updates
+
+
 async def serve(settings: IngressSettings, routings: list[ServiceRouting]) -> int:
-    """Run until SIGTERM/SIGINT, then drain. Returns the exit status."""
+    """Run until SIGTERM/SIGINT, then drain. Returns the exit status.
+
+    Under systemd (see :mod:`ingress.systemd`): listens on the sockets socket activation
+    passed instead of binding its own, sends READY=1 once listening with `routings` loaded,
+    a STATUS line every STATUS_INTERVAL seconds, watchdog pings from this loop, and
+    STOPPING=1 when it starts draining.
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    ingress = Ingress(settings)
+    notifier = Notifier.from_environ()
+    watchdog = start_watchdog(loop, notifier)
+    status: Ticker | None = None
     try:
-        await ingress.start()
-    except BaseException:
-        await ingress.close()
-        raise
-    for routing in routings:
-        ingress.router.put_service(routing)
-    print_addresses(ingress, "tidegate ingress")
-    # Everything made so far (modules, settings, listeners) lives as long as the process:
-    # move it out of the collector's sight so the collections that per-request garbage
-    # triggers do not rescan it each time.
-    gc.freeze()
-    log.info("ready (pid %d)", os.getpid())
-    await stop.wait()
-    log.info("draining")
-    await ingress.drain()
-    return 0
+        ingress = Ingress(settings)
+        try:
+            await start_activated(ingress)
+        except BaseException:
+            await ingress.close()
+            raise
+        for routing in routings:
+            ingress.router.put_service(routing)
+        print_addresses(ingress, "tidegate ingress")
+        # Everything made so far (modules, settings, listeners) lives as long as the process:
+        # move it out of the collector's sight so the collections that per-request garbage
+        # triggers do not rescan it each time.
+        gc.freeze()
+        log.info("ready (pid %d)", os.getpid())
+        if notifier.enabled:
+            services = len(ingress.router.all_services())
+            notifier.ready(f"serving {services} service(s) on {ingress.listening_text()}")
+            status = Ticker(loop, STATUS_INTERVAL, lambda: notifier.status(ingress.status_text()))
+        await stop.wait()
+        log.info("draining")
+        await ingress.drain(
+            on_draining=lambda busy: notifier.stopping(f"draining {busy} connection(s)")
+        )
+        return 0
+    finally:
+        for ticker in (watchdog, status):
+            if ticker is not None:
+                ticker.cancel()
+        notifier.close()
+
+
+async def start_activated(
+    ingress: Ingress, *, mark_ready: bool = True, admin_routes: Sequence[Route] = ()
+) -> None:
+    """:meth:`Ingress.start` on the sockets systemd passed (socket activation: fds named
+    ``https`` serve TLS, the others plain HTTP), or on its own when none were passed."""
+    activated = activated_listeners()
+    if activated is None:
+        await ingress.start(mark_ready=mark_ready, admin_routes=admin_routes)
+        return
+    settings = ingress.settings
+    if activated.https and not (settings.tls_certs or settings.tls_self_signed):
+        raise ValueError(
+            "systemd passed a socket named 'https': it needs --tls-cert/--tls-key "
+            "or --tls-self-signed"
+        )
+    log.info(
+        "socket activation: %d http and %d https listener(s) from systemd "
+        "(--listen and --tls-listen are not used)",
+        len(activated.http),
+        len(activated.https),
+    )
+    await ingress.start(
+        sockets=activated.http,
+        tls_sockets=activated.https,
+        mark_ready=mark_ready,
+        admin_routes=admin_routes,
+    )
 
 
 def print_addresses(ingress: Ingress, prog: str) -> None:

@@ -30,7 +30,11 @@ Collector -> decider -> actuator: the :class:`~scaler.window.Window` collects de
   the window and decide(). Timers only wake the controller up: what it then does is decided
   from the clock, so tests advance a fake clock and call :meth:`ServiceController.reconcile`.
 
-Every change of the desired count is logged with decide()'s reason.
+Every change of the desired count is logged with decide()'s reason. With ``events`` (a
+:class:`~scaler.logs.ServiceLogs`) each lifecycle point is also a record in the service's
+system log (the same sentence, with its numbers as fields: :meth:`ServiceController._record`),
+and each instance's output is collected into its app log from :meth:`Runtime.logs
+<scaler.runtime.Runtime.logs>`, an adopted instance's from where the last scaler stopped.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from ingress.messages import (
 from scaler.decide import DecideState, Observed, decide
 from scaler.health import HealthChange, HealthChecker
 from scaler.lifecycle import Event, InstanceState, transition
+from scaler.logs import ServiceLogs
 from scaler.messages import ApplyAction, InstanceStatus, ServiceState, ServiceStatus
 from scaler.runtime import InstanceInfo, LaunchError, LaunchSpec, Runtime, RuntimeEvent
 from scaler.spec import AutoscalingSpec, ServiceSpec, SpecError, resolve_secrets, routing_for
@@ -82,6 +87,7 @@ BACKOFF_FIRST = 1.0  # seconds before the start after a first failed one
 BACKOFF_CAP = 60.0  # seconds at most between start attempts
 STOP_GRACE = 10.0  # seconds between SIGTERM and kill when an instance is stopped
 AUDIT_INTERVAL = 10.0  # seconds between comparisons with the runtime's own list
+OUTPUT_DRAIN = 2.0  # seconds stop() waits for the stopped instances' last output
 _RESUBSCRIBE_DELAY = 1.0  # seconds before subscribing again after the ingress ended it
 
 _S = InstanceState
@@ -118,7 +124,8 @@ class ServiceController:
 
     ``workdir`` is the directory the process runtime runs the command in (the service file's);
     ``environ`` is where ``secrets: {env: ...}`` are read from; ``drain_timeout`` defaults to
-    the service's ``request_timeout``, the longest an in-flight request may last.
+    the service's ``request_timeout``, the longest an in-flight request may last; ``events``
+    (None: none) gets the system records and the instances' output.
     """
 
     def __init__(
@@ -134,6 +141,7 @@ class ServiceController:
         environ: Mapping[str, str] = os.environ,
         drain_timeout: float | None = None,
         stop_grace: float = STOP_GRACE,
+        events: ServiceLogs | None = None,
     ) -> None:
         self.spec = spec
         self.name = spec.name
@@ -147,6 +155,7 @@ class ServiceController:
         self._drain_timeout_given = drain_timeout
         self._drain_timeout = spec.request_timeout if drain_timeout is None else drain_timeout
         self._stop_grace = stop_grace
+        self._events = events
         self._revision = spec.spec_hash()
         self._instances: dict[str, _Instance] = {}
         self._window = Window()
@@ -170,6 +179,8 @@ class ServiceController:
         self.usage = Usage()
         self.cold_starts = Histogram()  # seconds from a request held at zero to ready
         self._tasks: set[asyncio.Task[None]] = set()
+        self._collectors: set[asyncio.Task[None]] = set()  # one per instance: its output
+        self._leaving = False  # detached: the instances and their cursors stay for the next
         self._pusher: asyncio.Task[None] | None = None
         self._push_dirty = False
         self._started = False
@@ -233,7 +244,7 @@ class ServiceController:
         decision, self._decide_state = decide(
             observed, self._autoscaling(), self._decide_state, now
         )
-        self._set_desired(decision.desired, decision.reason)
+        self._set_desired(decision.desired, decision.reason, observed)
         self.reconcile()
 
     def on_cold_start(self) -> None:
@@ -254,7 +265,7 @@ class ServiceController:
         """The ingress has nothing in flight on this instance any more."""
         inst = self._instances.get(instance_id)
         if inst is not None and inst.state is _S.DRAINING:
-            self._log.info("%s: %s drained", self.name, instance_id)
+            self._record("drained", f"{instance_id} drained", instance=instance_id)
             self._stop_instance(inst, Event.DRAINED)
 
     def on_runtime_event(self, event: RuntimeEvent) -> None:
@@ -268,12 +279,15 @@ class ServiceController:
         inst.state = transition(inst.state, Event.EXITED)
         code = "unknown" if event.exit_code is None else str(event.exit_code)
         reason = f"{inst.id} {event.kind} unasked (exit code {code}) while {was}"
+        fields: dict[str, Any] = {"instance": inst.id, "exit_code": event.exit_code}
         if was is _S.STARTING and not inst.adopted:
-            self._start_failed(reason)
+            self._start_failed(reason, **fields)
         elif was is _S.READY:
-            self._log.warning("%s: %s: replacing it", self.name, reason)
+            fields["from"] = was.value
+            self._record("exited", f"{reason}: replacing it", level=logging.WARNING, **fields)
         else:
-            self._log.info("%s: %s", self.name, reason)
+            fields["from"] = was.value
+            self._record("exited", reason, **fields)
         if was in (_S.READY, _S.DRAINING):
             self._push()
         self._stop_instance(inst, Event.STOP)
@@ -428,7 +442,8 @@ class ServiceController:
             for inst in self._instances.values():
                 if inst.state in (_S.STARTING, _S.READY):
                     inst.outdated = True
-            self._log.info("%s: revision %s replaces %s", self.name, revision, old)
+            change: dict[str, Any] = {"from": old, "to": revision}
+            self._record("replaced", f"revision {revision} replaces {old}", **change)
         scaling = self._autoscaling()
         desired = min(max(self._desired, scaling.min_size), scaling.max_size)
         if replaced and desired == 0 and any(i.outdated for i in self._instances.values()):
@@ -442,6 +457,7 @@ class ServiceController:
     def pause(self) -> None:
         """Stop every instance now (draining the ready ones); the next request cold-starts
         one again. Held at zero until a request comes or :meth:`resume`."""
+        self._record("paused", "paused: every instance stops; the next request starts one")
         self._paused = True
         self._hold_zero = True
         self._cold_start_at = None
@@ -460,6 +476,7 @@ class ServiceController:
 
     def resume(self) -> None:
         """Back to min_size (and to decide()'s count as requests come)."""
+        self._record("resumed", f"resumed: back to min_size {self.spec.autoscaling.min_size}")
         self._paused = False
         self._hold_zero = False
         minimum = self.spec.autoscaling.min_size
@@ -487,13 +504,14 @@ class ServiceController:
         successor adopts them (their labels say whose they are)."""
         self._closing = True
         self._detached = True
+        self._leaving = True
         if self._retry_timer is not None:
             self._retry_timer.cancel()
             self._retry_timer = None
         for inst in self._instances.values():
             self._cancel_drain_timer(inst)
             self._health.unwatch(inst.id)
-        tasks = list(self._tasks)
+        tasks = [*self._tasks, *self._collectors]
         if self._pusher is not None:
             tasks.append(self._pusher)
         for task in tasks:
@@ -529,7 +547,9 @@ class ServiceController:
             with contextlib.suppress(LaunchError):
                 await self._runtime.stop(inst.id, grace=0.0)
         self._instances.clear()
-        tasks = list(self._tasks)
+        if self._collectors:  # the stopped instances' last lines
+            await asyncio.wait(set(self._collectors), timeout=OUTPUT_DRAIN)
+        tasks = [*self._tasks, *self._collectors]
         if self._pusher is not None:
             tasks.append(self._pusher)
         for task in tasks:
@@ -549,17 +569,49 @@ class ServiceController:
         """Instances of the current revision in ``state``."""
         return sum(1 for i in self._instances.values() if i.state is state and not i.outdated)
 
-    def _set_desired(self, desired: int, reason: str) -> None:
+    def _set_desired(self, desired: int, reason: str, observed: Observed | None = None) -> None:
+        """Change the desired count, recording why and the numbers that led there (decide()'s
+        ``observed`` when it decided; else the counts at hand)."""
         if desired == self._desired:
             self._log.debug("%s: %s", self.name, reason)
             return
         direction = "up" if desired > self._desired else "down"
         self._scale_events[direction] += 1
-        self._log.info(
-            "%s: scale %s %d -> %d: %s", self.name, direction, self._desired, desired, reason
+        numbers: dict[str, Any] = {
+            "direction": direction,
+            "desired_from": self._desired,
+            "desired_to": desired,
+            "reason": reason,
+        }
+        if observed is not None:
+            numbers.update(
+                stable_avg=observed.stable_avg,
+                panic_avg=observed.panic_avg,
+                current_demand=observed.current_demand,
+                ready=observed.ready,
+                starting=observed.starting,
+            )
+        else:
+            numbers.update(
+                current_demand=self._window.current_demand,
+                ready=self._count(_S.READY),
+                starting=self._count(_S.STARTING),
+            )
+        numbers["max_concurrency"] = self.spec.autoscaling.max_concurrency
+        self._record(
+            "scale", f"scale {direction} {self._desired} -> {desired}: {reason}", **numbers
         )
         self._desired = desired
         self._last_reason = reason
+
+    def _record(
+        self, event: str, message: str, *, level: int = logging.INFO, **fields: Any
+    ) -> None:
+        """One lifecycle point: the sentence in the text log (the journal), and the same
+        sentence with ``fields`` as a record in the service's system log."""
+        self._log.log(level, "%s: %s", self.name, message)
+        if self._events is not None:
+            self._events.system(self.name, event, message, **fields)
 
     def _remove(self, active: list[_Instance], count: int) -> None:
         """Remove ``count`` instances: starting ones first, then the least loaded, newest."""
@@ -570,7 +622,12 @@ class ServiceController:
         )
         for inst in (starting + ready)[:count]:
             if inst.state is _S.STARTING:
-                self._log.info("%s: %s is not needed any more: stopping it", self.name, inst.id)
+                self._record(
+                    "draining",
+                    f"{inst.id} is not needed any more: stopping it",
+                    instance=inst.id,
+                    reason="not needed before it was ready",
+                )
                 self._stop_instance(inst, Event.STOP)
             else:
                 self._drain(inst, f"scale down to {self._desired}")
@@ -591,7 +648,12 @@ class ServiceController:
             if info.service != self.name or info.instance_id in self._instances:
                 continue
             if info.state != "running" or info.address is None:
-                self._log.info("%s: removing %s left %s", self.name, info.instance_id, info.state)
+                self._record(
+                    "exited",
+                    f"removing {info.instance_id} left {info.state}",
+                    instance=info.instance_id,
+                    exit_code=info.exit_code,
+                )
                 try:
                     await self._runtime.stop(info.instance_id, grace=0.0)
                 except LaunchError as exc:
@@ -613,14 +675,20 @@ class ServiceController:
             )
             self._instances[inst.id] = inst
             adopted += 1
-            self._log.info(
-                "%s: adopted %s at %s%s%s",
-                self.name,
-                inst.id,
-                info.address,
-                " (serving)" if serving else "",
-                f" (revision {info.revision}: to be replaced)" if outdated else "",
+            self._record(
+                "adopted",
+                f"adopted {inst.id} at {info.address}"
+                + (" (serving)" if serving else "")
+                + (f" (revision {info.revision}: to be replaced)" if outdated else ""),
+                instance=inst.id,
+                address=info.address,
+                serving=serving,
+                revision=info.revision,
             )
+            # its output from where the last scaler's collection stopped; a runtime that
+            # cannot date lines continues from its own saved position
+            cursor = None if self._events is None else self._events.cursor(self.name, inst.id)
+            self._collect(inst.id, cursor if cursor is not None else info.started_at)
             self._health.watch(inst.id, info.address, self.spec.health_check, self._on_health)
         # the earlier scaler's count stands until decide() says otherwise
         scaling = self.spec.autoscaling
@@ -640,7 +708,9 @@ class ServiceController:
             if inst.state is _S.READY:
                 self._drain(inst, "replaced by the current revision")
             else:
-                self._log.info("%s: %s is replaced before it was ready", self.name, inst.id)
+                self._record(
+                    "replaced", f"{inst.id} is replaced before it was ready", instance=inst.id
+                )
                 self._stop_instance(inst, Event.STOP)
         self._push()
 
@@ -652,6 +722,9 @@ class ServiceController:
             instance_id = f"{self.name}-{secrets.token_hex(3)}"
         inst = _Instance(instance_id, _S.STARTING, self._clock())
         self._instances[instance_id] = inst
+        self._record(
+            "starting", f"starting {instance_id}", instance=instance_id, revision=self._revision
+        )
         self._spawn(self._start_instance(inst), f"start {instance_id}")
 
     def _launch_spec(self, instance_id: str) -> LaunchSpec:
@@ -686,41 +759,58 @@ class ServiceController:
             info = await self._runtime.start(launch)
         except (LaunchError, SpecError, OSError) as exc:
             if inst.state is _S.STARTING:
-                self._start_failed(f"{inst.id} could not start: {exc}")
+                self._start_failed(f"{inst.id} could not start: {exc}", instance=inst.id)
             self._forget(inst)
             self.reconcile()
             return
         inst.launched = True
+        self._collect(inst.id, None)  # first: an app that dies at once says why there
         if inst.state is not _S.STARTING:  # removed, or shutting down, while it started
             self._spawn(self._stop_in_runtime(inst), f"stop {inst.id}")
             return
         if info.state != "running" or info.address is None:
             inst.state = transition(inst.state, Event.EXITED)
             why = info.error or f"exit code {info.exit_code}"
-            self._start_failed(f"{inst.id} exited at once ({why})")
+            self._start_failed(
+                f"{inst.id} exited at once ({why})", instance=inst.id, exit_code=info.exit_code
+            )
             self._stop_instance(inst, Event.STOP)
             self.reconcile()
             return
         inst.address = info.address
-        self._log.info("%s: started %s at %s", self.name, inst.id, info.address)
+        self._record(
+            "started",
+            f"started {inst.id} at {info.address}",
+            instance=inst.id,
+            address=info.address,
+            took_seconds=self._clock() - inst.created,
+        )
         self._health.watch(inst.id, info.address, self.spec.health_check, self._on_health)
 
-    def _start_failed(self, reason: str) -> None:
+    def _start_failed(self, reason: str, **fields: Any) -> None:
         self._failures += 1
         delay = backoff_delay(self._failures)
         self._retry_at = self._clock() + delay
         self._last_error = reason
-        self._log.warning(
-            "%s: %s (%d failed start(s) in a row: next start in %gs)",
-            self.name,
-            reason,
-            self._failures,
-            delay,
+        self._record(
+            "start_failed",
+            f"{reason} ({self._failures} failed start(s) in a row: next start in {delay:g}s)",
+            level=logging.WARNING,
+            **fields,
+            reason=reason,
+            failures=self._failures,
+            backoff_seconds=delay,
         )
 
     def _arm_retry(self, wait: float) -> None:
         if self._retry_timer is not None:
             return
+        self._record(
+            "backoff",
+            f"waiting {wait:.1f}s before the next start ({self._failures} failed in a row)",
+            seconds=wait,
+            failures=self._failures,
+        )
         loop = asyncio.get_running_loop()
 
         def fire() -> None:
@@ -741,17 +831,31 @@ class ServiceController:
                 self._failures = 0
                 self._retry_at = 0.0
             took = self._clock() - inst.created
-            self._log.info("%s: %s is ready (%.3fs after start)", self.name, inst.id, took)
+            cold: dict[str, Any] = {}
             if self._cold_start_at is not None:
                 self._last_cold_start = self._clock() - self._cold_start_at
                 self.cold_starts.observe(self._last_cold_start)
                 self._cold_start_at = None
+                cold["cold_start_seconds"] = self._last_cold_start
+            self._record(
+                "ready",
+                f"{inst.id} is ready ({took:.3f}s after start)",
+                instance=inst.id,
+                took_seconds=took,
+                **cold,
+            )
             self._push()
             self.reconcile()  # the desired count may have dropped meanwhile
         elif change is HealthChange.UNHEALTHY:
             if inst.state is not _S.READY:
                 return
-            self._log.warning("%s: %s is unhealthy (%s): replacing it", self.name, inst.id, detail)
+            self._record(
+                "unhealthy",
+                f"{inst.id} is unhealthy ({detail}): replacing it",
+                level=logging.WARNING,
+                instance=inst.id,
+                reason=detail,
+            )
             self._health.unwatch(inst.id)
             self._drain(inst, "unhealthy", Event.UNHEALTHY)
             self._push()
@@ -762,9 +866,15 @@ class ServiceController:
             inst.state = transition(inst.state, change.event)
             reason = f"{inst.id} was not healthy in time ({detail})"
             if inst.adopted:  # not a start of ours: no back-off
-                self._log.warning("%s: %s: replacing it", self.name, reason)
+                self._record(
+                    "unhealthy",
+                    f"{reason}: replacing it",
+                    level=logging.WARNING,
+                    instance=inst.id,
+                    reason=detail,
+                )
             else:
-                self._start_failed(reason)
+                self._start_failed(reason, instance=inst.id)
             self._stop_instance(inst, Event.STOP)
             self.reconcile()
 
@@ -772,18 +882,19 @@ class ServiceController:
 
     def _drain(self, inst: _Instance, why: str, event: Event = Event.DRAIN) -> None:
         inst.state = transition(inst.state, event)
-        self._log.info("%s: draining %s (%s)", self.name, inst.id, why)
+        self._record("draining", f"draining {inst.id} ({why})", instance=inst.id, reason=why)
         loop = asyncio.get_running_loop()
         inst.drain_timer = loop.call_later(self._drain_timeout, self._on_drain_timeout, inst)
 
     def _on_drain_timeout(self, inst: _Instance) -> None:
         inst.drain_timer = None
         if inst.state is _S.DRAINING:
-            self._log.warning(
-                "%s: %s still busy after %gs of draining: stopping it",
-                self.name,
-                inst.id,
-                self._drain_timeout,
+            self._record(
+                "drained",
+                f"{inst.id} still busy after {self._drain_timeout:g}s of draining: stopping it",
+                level=logging.WARNING,
+                instance=inst.id,
+                reason="drain timeout",
             )
             self._stop_instance(inst, Event.DRAIN_TIMEOUT)
 
@@ -808,9 +919,15 @@ class ServiceController:
         try:
             await self._runtime.stop(inst.id, grace=self._stop_grace)
         except LaunchError as exc:
-            self._log.warning("%s: stopping %s failed: %s", self.name, inst.id, exc)
+            self._record(
+                "stopped",
+                f"stopping {inst.id} failed: {exc}",
+                level=logging.WARNING,
+                instance=inst.id,
+                error=str(exc),
+            )
         else:
-            self._log.info("%s: stopped %s", self.name, inst.id)
+            self._record("stopped", f"stopped {inst.id}", instance=inst.id)
         if inst.state is _S.STOPPING:
             inst.state = transition(inst.state, Event.EXITED)
         self._forget(inst)
@@ -858,6 +975,36 @@ class ServiceController:
             for i in self._instances.values()
             if i.state in (_S.READY, _S.DRAINING) and i.address is not None
         ]
+
+    # -- the instances' output ----------------------------------------------------------------
+
+    def _collect(self, instance_id: str, since: float | None) -> None:
+        """Copy the instance's output into the service's app log until it ends."""
+        if self._events is None:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._collect_output(self._events, instance_id, since), name=f"output {instance_id}"
+        )
+        self._collectors.add(task)
+        task.add_done_callback(self._collector_done)
+
+    async def _collect_output(
+        self, events: ServiceLogs, instance_id: str, since: float | None
+    ) -> None:
+        try:
+            async for line in self._runtime.logs(instance_id, since):
+                events.app(self.name, instance_id, line.stream, line.line, line.time)
+        except LaunchError as exc:
+            self._log.warning(
+                "%s: collecting the output of %s failed: %s", self.name, instance_id, exc
+            )
+            return
+        if not self._leaving:  # it has ended: no successor continues it
+            events.forget(self.name, instance_id)
+
+    def _collector_done(self, task: asyncio.Task[None]) -> None:
+        self._collectors.discard(task)
+        self._task_done(task)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)

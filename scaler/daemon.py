@@ -19,6 +19,14 @@ Rules:
   (`tidegate up` does). The standalone daemon leaves them serving, so a restarted scaler
   adopts them and no request fails across the restart.
 - Apply, pause, resume and delete run one at a time (one lock): each sees the last one's end.
+- **Logs** (with ``log_dir``; :mod:`scaler.logs`): each service's system log gets what its
+  controller does, an ``applied`` record for each file loaded or applied (and ``deleted``),
+  and every ``usage_interval`` (60 s) a ``usage`` record: the instance-seconds, active and
+  idle, since its previous one (:class:`~scaler.usage.Usage` counts them cumulatively; the
+  marks of what was already recorded are kept here), with the instance size, for `tidegate
+  cost`. A usage record is also written when a service is added (zeros: where its accounting
+  starts), before its instance size changes, when it is deleted and when the scaler stops,
+  so every instance-second is in exactly one record at the size it ran at.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from scaler.controller import (
     remove_orphans,
 )
 from scaler.health import HealthChecker
+from scaler.logs import ServiceLogs
 from scaler.messages import (
     ApplyAction,
     ApplyFile,
@@ -64,6 +73,7 @@ _log = logging.getLogger("tidegate.scaler")
 
 Loaded = tuple[ServiceSpec, str]  # a service and the file it came from
 _SERVICE_SUFFIXES = (".yaml", ".yml")
+USAGE_INTERVAL = 60.0  # seconds between usage records in each service's system log
 
 
 def load_paths(
@@ -109,7 +119,8 @@ def make_runtime(kind: str, state_dir: Path) -> Runtime:
 
 
 class Scaler:
-    """Runs the services' controllers against one ingress (``control``)."""
+    """Runs the services' controllers against one ingress (``control``); with ``log_dir``
+    each service's system and app logs are written there."""
 
     def __init__(
         self,
@@ -120,6 +131,8 @@ class Scaler:
         runtime_factory: Callable[[str, Path], Runtime] = make_runtime,
         environ: Mapping[str, str] = os.environ,
         log: logging.Logger = _log,
+        log_dir: Path | None = None,
+        usage_interval: float = USAGE_INTERVAL,
     ) -> None:
         self.controllers: dict[str, ServiceController] = {}
         self.errors: list[FileError] = []  # files that could not be loaded at start
@@ -135,6 +148,10 @@ class Scaler:
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = asyncio.Event()
         self._lock = asyncio.Lock()
+        self.events = None if log_dir is None else ServiceLogs(log_dir)
+        self._usage_interval = usage_interval
+        # service -> (active, idle) instance-seconds already in its usage records
+        self._usage_marks: dict[str, tuple[float, float]] = {}
 
     async def start(self, loaded: list[Loaded], errors: Iterable[FileError] = ()) -> None:
         """Start the given services (adopting their running instances); report ``errors``."""
@@ -155,12 +172,14 @@ class Scaler:
                 name="ingress events",
             )
         )
+        if self.events is not None:
+            self._tasks.append(loop.create_task(self._usage_loop(), name="usage records"))
         kinds = {spec.runtime for spec, _ in built} | {"process"}
         for kind in sorted(kinds):
             self._runtime(kind)
         await self._remove_orphans({spec.name for spec, _ in built})
         for spec, source in built:
-            await self._add(spec, source)
+            await self._add(spec, source, "loaded")
 
     def status(self, service: str | None = None) -> StatusReport:
         """Every service's status, or one's (KeyError if unknown), and the files not loaded."""
@@ -191,25 +210,25 @@ class Scaler:
                 controller = self.controllers.get(spec.name)
                 action: ApplyAction
                 if controller is None:
-                    await self._add(spec, source)
                     action = "created"
+                    await self._add(spec, source, action)
                 else:
+                    if spec.instance != controller.spec.instance:
+                        self._record_usage(spec.name)  # what ran so far, at the old size
                     action = await controller.update(spec)
                     self._sources[spec.name] = source
+                    self._record_applied(spec, source, action)
                 self.errors = [e for e in self.errors if e.file != source]
-                self._log.info("applied %s: %s %s", source, spec.name, action)
                 results.append(ApplyResult(spec.name, action, spec.spec_hash()))
             return ApplyResponse(results=results)
 
     def pause(self, service: str) -> ServiceStatus:
         controller = self.controllers[service]
-        self._log.info("%s: paused", service)
-        controller.pause()
+        controller.pause()  # it logs and records it
         return controller.status()
 
     def resume(self, service: str) -> ServiceStatus:
         controller = self.controllers[service]
-        self._log.info("%s: resumed", service)
         controller.resume()
         return controller.status()
 
@@ -219,7 +238,12 @@ class Scaler:
             controller = self.controllers[service]
             self._log.info("%s: deleting", service)
             await controller.stop(drain=True)
+            self._record_usage(service)
+            if self.events is not None:
+                message = "deleted: its instances are stopped and its route removed"
+                self.events.system(service, "applied", message, action="deleted")
             del self.controllers[service]
+            self._usage_marks.pop(service, None)
             self._sources.pop(service, None)
             with contextlib.suppress(ControlError):
                 await self._control.delete_service(service)
@@ -246,6 +270,14 @@ class Scaler:
         for runtime in self._runtimes.values():
             with contextlib.suppress(Exception):
                 await runtime.close()
+        for name in list(self.controllers):
+            self._record_usage(name)
+        await self.close_logs()
+
+    async def close_logs(self) -> None:
+        """Write out and close the logs (close() does; for a scaler that never started)."""
+        if self.events is not None:
+            await asyncio.to_thread(self.events.close)
 
     # -- inside ----------------------------------------------------------------------------
 
@@ -264,7 +296,7 @@ class Scaler:
             )
         return runtime
 
-    async def _add(self, spec: ServiceSpec, source: str) -> None:
+    async def _add(self, spec: ServiceSpec, source: str, action: str) -> None:
         controller = ServiceController(
             spec,
             self._runtime(spec.runtime),
@@ -273,10 +305,63 @@ class Scaler:
             workdir=str(Path(source).resolve().parent),
             environ=self._environ,
             log=self._log,
+            events=self.events,
         )
         self.controllers[spec.name] = controller
         self._sources[spec.name] = source
+        self._record_applied(spec, source, action)
+        self._usage_marks[spec.name] = (0.0, 0.0)
+        self._record_usage(spec.name)  # zeros: where this run's accounting starts
         await controller.start()
+
+    def _record_applied(self, spec: ServiceSpec, source: str, action: str) -> None:
+        scaling = spec.autoscaling
+        message = f"{action} from {source} (revision {spec.spec_hash()})"
+        self._log.info("%s: %s", spec.name, message)
+        if self.events is not None:
+            self.events.system(
+                spec.name,
+                "applied",
+                message,
+                action=action,
+                file=source,
+                revision=spec.spec_hash(),
+                min_size=scaling.min_size,
+                max_size=scaling.max_size,
+                max_concurrency=scaling.max_concurrency,
+                scale_down_delay=scaling.scale_down_delay,
+            )
+
+    def _record_usage(self, service: str) -> None:
+        """A usage record: the service's instance-seconds since its previous one."""
+        controller = self.controllers.get(service)
+        if self.events is None or controller is None:
+            return
+        usage = controller.usage
+        active, idle = self._usage_marks.get(service, (0.0, 0.0))
+        self._usage_marks[service] = (usage.active_seconds, usage.idle_seconds)
+        active, idle = usage.active_seconds - active, usage.idle_seconds - idle
+        size = controller.spec.instance
+        message = (
+            f"instance-seconds: {active:.1f} active, {idle:.1f} idle "
+            f"({size.cpu:g} vCPU, {size.memory / 1e9:g} GB each)"
+        )
+        self._log.debug("%s: %s", service, message)
+        self.events.system(
+            service,
+            "usage",
+            message,
+            active_seconds=active,
+            idle_seconds=idle,
+            cpu=size.cpu,
+            memory_bytes=size.memory,
+        )
+
+    async def _usage_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._usage_interval)
+            for name in list(self.controllers):
+                self._record_usage(name)
 
     async def _resolve_image(self, spec: ServiceSpec, source: str) -> ServiceSpec:
         """The spec with its image built, if it has ``build``; SpecError if the build fails."""

@@ -6,7 +6,9 @@ Docker, the demo) and `scaler.runtimes.fake` (in memory, for tests of the scaler
 Every implementation passes the same contract tests (tests/runtime_contract.py).
 
 A runtime knows nothing of service files: the scaler resolves a service into a
-:class:`LaunchSpec` (secrets read, PORT chosen) and hands that over.
+:class:`LaunchSpec` (secrets read, PORT chosen) and hands that over. An instance's output
+comes back as :class:`LogLine` records from :meth:`Runtime.logs`; the scaler writes them to the
+service's app log (:mod:`scaler.logs`).
 """
 
 from __future__ import annotations
@@ -69,6 +71,17 @@ class RuntimeEvent(msgspec.Struct, frozen=True, kw_only=True):
     exit_code: int | None = None
 
 
+LogStream = Literal["stdout", "stderr", "output"]
+
+
+class LogLine(msgspec.Struct, frozen=True):
+    """One line an instance wrote."""
+
+    stream: LogStream  # "output": stdout and stderr in one, in the order written (process)
+    line: str  # without its newline; undecodable bytes replaced
+    time: float  # wall-clock seconds: when written (docker), or when read (process)
+
+
 class LaunchError(Exception):
     """A runtime could not do what was asked; the message says why, for status and logs."""
 
@@ -94,6 +107,15 @@ class Runtime(Protocol):
 
     def events(self) -> AsyncIterator[RuntimeEvent]:
         """Exits and removals as they happen, until close()."""
+        ...
+
+    def logs(self, instance_id: str, since: float | None = None) -> AsyncIterator[LogLine]:
+        """The instance's output, line by line as it is written, ending once the instance
+        has stopped and everything it wrote has been given (or at close()); nothing for an
+        unknown id. ``since`` (wall-clock seconds): only lines written after it, for a
+        restarted scaler continuing an adopted instance's output; None: from its start. A
+        runtime that cannot date lines (process) continues instead from the position it
+        saved for the previous reader of the same instance."""
         ...
 
     async def close(self) -> None: ...

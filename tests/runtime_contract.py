@@ -11,7 +11,8 @@ for a working app, a crashing app and a launch that must fail), then, in a test 
         \"\"\"The shared Runtime contract, for my runtime.\"\"\"
 
 The working app listens on the PORT its spec sets and answers ``GET /env`` with a JSON object
-of its environment; a harness whose app answers differently overrides :meth:`app_env`. Every
+of its environment; a harness whose app answers differently overrides :meth:`app_env`. For
+``logs()`` a harness starts an app that writes a few lines (:meth:`start_talking`). Every
 test stops what it started on the way out, also when it fails, and waits on events or polls
 with a deadline, never sleeps for a fixed time.
 """
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from scaler.runtime import InstanceInfo, LaunchError, LaunchSpec, Runtime, RuntimeEvent
+from scaler.runtime import InstanceInfo, LaunchError, LaunchSpec, LogLine, Runtime, RuntimeEvent
 
 SERVICE = "svc"
 EVENT_TIMEOUT = 15.0  # seconds for an expected event (a container's stop and removal included)
@@ -65,6 +66,13 @@ class RuntimeHarness:
     ) -> InstanceInfo:
         """Starts an instance that then exits by itself with `exit_code`."""
         return await runtime.start(self.crash_spec(instance_id=instance_id, exit_code=exit_code))
+
+    async def start_talking(
+        self, runtime: Runtime, *, instance_id: str
+    ) -> tuple[InstanceInfo, set[tuple[str, str]]]:
+        """Starts an instance of SERVICE that writes a few lines and keeps running; returns it
+        and the (stream, line) pairs it writes."""
+        raise NotImplementedError
 
     async def check_answers(self, info: InstanceInfo) -> None:
         """Fails unless the instance accepts TCP connections on its address in time."""
@@ -196,6 +204,38 @@ class RuntimeContract:
                 await runtime.start(spec)
             await harness.check_answers(info)
             assert [summary(i) for i in await runtime.list()] == [summary(info)]
+
+    async def test_logs_give_the_output_and_end_once_it_is_stopped(
+        self, harness: RuntimeHarness
+    ) -> None:
+        """logs() gives each line the app writes with its stream and a time, and a reader
+        ends once the instance is stopped; an unknown id gives nothing."""
+        async with opened(harness) as runtime:
+            instance_id = new_id()
+            info, expected = await harness.start_talking(runtime, instance_id=instance_id)
+            assert info.state == "running", info
+            seen: list[LogLine] = []
+
+            async def read() -> None:
+                async for line in runtime.logs(instance_id):
+                    seen.append(line)
+
+            reader = asyncio.ensure_future(read())
+            try:
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + EVENT_TIMEOUT
+                while not expected <= {(line.stream, line.line) for line in seen}:
+                    if loop.time() > deadline or reader.done():
+                        pytest.fail(f"expected {expected} from logs(), got {seen}")
+                    await asyncio.sleep(0.02)
+                assert all(line.time > 0 for line in seen)
+                await runtime.stop(instance_id, grace=5.0)
+                async with asyncio.timeout(EVENT_TIMEOUT):
+                    await reader
+            finally:
+                reader.cancel()
+            async with asyncio.timeout(EVENT_TIMEOUT):
+                assert [line async for line in runtime.logs("svc-never-started")] == []
 
     async def test_events_end_when_the_runtime_closes(self, harness: RuntimeHarness) -> None:
         """Iterating events() ends once close() is called."""

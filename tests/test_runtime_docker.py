@@ -32,6 +32,7 @@ from scaler.runtime import (
     InstanceInfo,
     LaunchError,
     LaunchSpec,
+    LogLine,
     RuntimeEvent,
 )
 from scaler.runtimes.docker import DockerRuntime
@@ -42,7 +43,6 @@ from tests.images import (  # images_fixture registers the `images` fixture here
     TEST_SCOPE,
     TestImages,
     images_fixture,  # noqa: F401
-    remove_test_containers,
 )
 from tests.procs import free_port
 from tests.runtime_contract import SERVICE, RuntimeContract, RuntimeHarness
@@ -50,6 +50,9 @@ from tests.runtime_contract import SERVICE, RuntimeContract, RuntimeHarness
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 DEADLINE = 15.0  # seconds for anything the engine does (start, exit, event delivery)
+TEST_LABELS = [f"{k}={v}" for k, v in TEST_SCOPE.items()]
+# the httpd image's own command (tests/images.py), for specs that print something first
+_HTTPD_CMD = 'trap "exit 0" TERM; /bin/busybox httpd -f -p "$PORT" -h /www & wait $!'
 
 
 class Scenario:
@@ -219,11 +222,26 @@ class DockerHarness(RuntimeHarness):
         assert status == 200, (status, body)
         return dict(line.partition("=")[::2] for line in body.splitlines())
 
+    async def start_talking(
+        self, runtime: Any, *, instance_id: str
+    ) -> tuple[InstanceInfo, set[tuple[str, str]]]:
+        spec = self.app_spec(instance_id=instance_id, env={}, secret_names=())
+        words = "echo to stdout; echo to stderr >&2; "
+        command = ("/bin/busybox", "sh", "-c", words + _HTTPD_CMD)
+        info = await runtime.start(msgspec.structs.replace(spec, command=command))
+        return info, {("stdout", "to stdout"), ("stderr", "to stderr")}
+
     def kill_leftovers(self) -> None:
         import docker
 
+        # Only the contract's own service: another test run's containers carry the test
+        # scope too, and may be in use right now.
         with contextlib.closing(docker.from_env()) as client:
-            remove_test_containers(client)
+            for container in client.containers.list(
+                all=True, filters={"label": [f"{LABEL_SERVICE}={SERVICE}", *TEST_LABELS]}
+            ):
+                with contextlib.suppress(docker.errors.APIError):
+                    container.remove(force=True, v=True)
 
 
 @pytest.fixture
@@ -509,6 +527,71 @@ async def test_scope_labels_keep_runtimes_apart(runtime: DockerRuntime, scenario
             assert [e for e in await heard if e.instance_id == spec.instance_id] == []
     finally:
         await other.close()
+
+
+# -- output ----------------------------------------------------------------------------------------
+
+
+async def test_logs_since_gives_only_later_lines_of_both_streams(
+    runtime: DockerRuntime, scenario: Scenario
+):
+    """Lines carry the engine's time and their stream; logs(since=t), as after a scaler
+    restart, gives only lines written after t, of both streams, in order; a reader ends when
+    the container is stopped."""
+    ticker = (
+        "i=0; while :; do echo out $i; echo err $i >&2; i=$((i+1)); /bin/busybox usleep 20000; done"
+    )
+    spec = scenario.spec(
+        scenario.images.never_listens, command=("/bin/busybox", "sh", "-c", ticker)
+    )
+    await runtime.start(spec)
+    first: list[LogLine] = []
+    reader = runtime.logs(spec.instance_id)
+    async with asyncio.timeout(DEADLINE):
+        async for line in reader:
+            first.append(line)
+            if len(first) == 10:
+                break
+    await reader.aclose()  # type: ignore[attr-defined]
+    assert {line.stream for line in first} == {"stdout", "stderr"}
+    for stream, word in (("stdout", "out"), ("stderr", "err")):
+        numbers = [int(x.line.split()[1]) for x in first if x.stream == stream]
+        assert all(x.line.startswith(word) for x in first if x.stream == stream)
+        assert numbers == list(range(len(numbers))), "from the start, in order"
+    since = first[5].time
+    later: list[LogLine] = []
+
+    async def read_on() -> None:
+        async for line in runtime.logs(spec.instance_id, since):
+            later.append(line)
+
+    reading = asyncio.ensure_future(read_on())
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DEADLINE
+        while len({x.stream for x in later}) < 2 or len(later) < 6:
+            assert loop.time() < deadline and not reading.done(), later
+            await asyncio.sleep(0.02)
+        assert all(x.time > since for x in later)
+        assert later[0].line not in {x.line for x in first[:6] if x.stream == later[0].stream}
+        await runtime.stop(spec.instance_id, grace=1)
+        async with asyncio.timeout(DEADLINE):
+            await reading
+    finally:
+        reading.cancel()
+
+
+async def test_logs_give_every_line_of_one_write(runtime: DockerRuntime, scenario: Scenario):
+    """Lines the app writes at once share the engine's timestamp: all of them arrive, and the
+    last one without a newline too, once the container has exited."""
+    script = "printf 'a\\nb\\nc\\n'; printf 'no newline' >&2"
+    spec = scenario.spec(
+        scenario.images.never_listens, command=("/bin/busybox", "sh", "-c", script)
+    )
+    await runtime.start(spec)
+    async with asyncio.timeout(DEADLINE):
+        lines = [(x.stream, x.line) async for x in runtime.logs(spec.instance_id)]
+    assert lines == [("stdout", "a"), ("stdout", "b"), ("stdout", "c"), ("stderr", "no newline")]
 
 
 async def collect(events: AsyncIterator[RuntimeEvent]) -> list[RuntimeEvent]:

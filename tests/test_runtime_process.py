@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ from tests.runtime_contract import (
     SERVICE,
     RuntimeContract,
     RuntimeHarness,
+    http_get,
     new_id,
     next_event,
     opened,
@@ -34,7 +36,8 @@ from tests.runtime_contract import (
 # Pidfd readiness and child reaping go through the loop: check the default one and uvloop.
 pytestmark = pytest.mark.both_loops
 
-# The working app: GET /env answers its environment as JSON. --exit CODE exits at once;
+# The working app: GET /env answers its environment as JSON, GET /say/WORDS prints WORDS on
+# stdout. --exit CODE exits at once;
 # --ignore-term ignores SIGTERM; --spawn-child PIDFILE starts a child that ignores SIGTERM and
 # writes its pid to PIDFILE once it does.
 APP = """\
@@ -59,6 +62,8 @@ if "--spawn-child" in args:
 
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
+        if self.path.startswith("/say/"):
+            print(self.path[len("/say/"):], flush=True)
         status, body = (200, json.dumps(dict(os.environ)).encode()) if self.path == "/env" else (
             404, b"")
         self.send_response(status)
@@ -121,6 +126,19 @@ class ProcessHarness(RuntimeHarness):
         )
         return spec, missing
 
+    async def start_talking(
+        self, runtime: Runtime, *, instance_id: str
+    ) -> tuple[InstanceInfo, set[tuple[str, str]]]:
+        env = {"TIDEGATE_SERVICE": SERVICE, "TIDEGATE_INSTANCE": instance_id}
+        spec = self.app_spec(instance_id=instance_id, env=env, secret_names=())
+        info = await runtime.start(spec)
+        # the app's own two lines at start, stdout and stderr in the one file
+        port = spec.env["PORT"]
+        return info, {
+            ("output", f"app listening on {port}"),
+            ("output", "app says hello on stderr"),
+        }
+
     def kill_leftovers(self) -> None:
         for path in (self.state_dir / "instances").glob("*.json"):
             with contextlib.suppress(OSError, ValueError, KeyError):
@@ -170,6 +188,15 @@ class FakeHarness(RuntimeHarness):
         runtime.fail_next_start("no such image: app:missing")
         spec = self.app_spec(instance_id=instance_id, env={}, secret_names=())
         return spec, "no such image: app:missing"
+
+    async def start_talking(
+        self, runtime: Runtime, *, instance_id: str
+    ) -> tuple[InstanceInfo, set[tuple[str, str]]]:
+        assert isinstance(runtime, FakeRuntime)
+        info = await runtime.start(self.app_spec(instance_id=instance_id, env={}, secret_names=()))
+        runtime.write(instance_id, "hello on stdout")
+        runtime.write(instance_id, "oops on stderr", "stderr")
+        return info, {("stdout", "hello on stdout"), ("stderr", "oops on stderr")}
 
     async def check_answers(self, info: InstanceInfo) -> None:
         assert info.address is not None
@@ -396,3 +423,67 @@ async def test_a_command_found_on_path_runs(processes: ProcessHarness, tmp_path:
             )
             await runtime.start(spec)
             assert (await next_event(events, "exited", spec.instance_id)).exit_code == 7
+
+
+async def read_lines(runtime: Runtime, instance_id: str, count: int, **kw: float) -> list[str]:
+    """The first ``count`` lines ``runtime.logs(instance_id, **kw)`` gives; the reader is
+    closed after them (as a scaler that stops collecting)."""
+    lines: list[str] = []
+    reader = runtime.logs(instance_id, **kw)
+    try:
+        async with asyncio.timeout(10.0):
+            async for line in reader:
+                lines.append(line.line)
+                if len(lines) == count:
+                    break
+    finally:
+        await reader.aclose()  # type: ignore[attr-defined]
+    return lines
+
+
+async def test_a_new_runtime_continues_the_output_where_the_last_reader_stopped(
+    processes: ProcessHarness,
+) -> None:
+    """A reader that stops saves its position: a restarted scaler's runtime, asked for the
+    adopted instance's output since then, gives only the lines written after it; removing
+    the instance removes its output files."""
+    async with opened(processes) as first:
+        spec = app(processes)
+        info = await first.start(spec)
+        await processes.check_answers(info)
+        assert await read_lines(first, spec.instance_id, 2) == [
+            f"app listening on {spec.env['PORT']}",
+            "app says hello on stderr",
+        ]
+        assert info.address is not None
+        assert (await http_get(info.address, "/say/while-no-scaler-reads"))[0] == 404
+        async with opened(processes) as second:
+            resumed = await read_lines(second, spec.instance_id, 1, since=time.time())
+            assert resumed == ["while-no-scaler-reads"]
+            assert isinstance(second, ProcessRuntime)
+            output = second.log_path(spec.instance_id)
+            assert output.exists() and output.with_suffix(".pos").exists()
+            await second.stop(spec.instance_id)
+            assert not output.exists() and not output.with_suffix(".pos").exists()
+
+
+async def test_the_last_line_without_a_newline_is_given_and_the_reader_ends(
+    processes: ProcessHarness,
+) -> None:
+    """An app that exits after a line with no newline: logs() gives that line too, and ends by
+    itself once the process has exited; a line longer than 16 KiB comes in pieces."""
+    long = "x" * (16 * 1024 + 10)
+    spec = LaunchSpec(
+        service=SERVICE,
+        revision="rev1",
+        instance_id=new_id(),
+        command=("sh", "-c", f"echo first; echo {long}; printf 'no newline'; exit 3"),
+        env={"PORT": str(free_port())},
+    )
+    async with opened(processes) as runtime:
+        await runtime.start(spec)
+        async with asyncio.timeout(10.0):
+            lines = [line async for line in runtime.logs(spec.instance_id)]
+        assert lines[0].line == "first"
+        assert [line.line for line in lines[1:]] == [long[: 16 * 1024], "x" * 10, "no newline"]
+        assert {line.stream for line in lines} == {"output"}

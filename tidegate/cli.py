@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from ingress import cli as ingress_cli
-from scaler import commands, serve
+from scaler import commands, logcmd, serve
 from scaler import up as scaler_up
 
 
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     scaler_up.add_parser(subparsers)
     serve.add_parser(subparsers)
     commands.add_parsers(subparsers)
+    logcmd.add_parser(subparsers)
     return parser
 
 

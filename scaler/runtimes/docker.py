@@ -28,6 +28,12 @@
   and handed to the loop with ``call_soon_threadsafe``. The subscription asks the engine to
   replay from the moment ``events()`` was called (``since``), so nothing between taking the
   iterator and the thread connecting is lost; after a break it resumes from the last event.
+- **Output is followed per container** (:meth:`DockerRuntime.logs`), in a thread of its own
+  like the event stream: the engine's log stream with timestamps, its frames demultiplexed
+  into stdout and stderr (the SDK's ``logs()`` drops which stream a frame came from, so the
+  frames are read here), ending when the container stops. ``since`` resumes after a
+  restart from the last line collected; a broken stream of a running container is followed
+  again from the last line seen, skipping what was delivered.
 - **Engine errors become LaunchError** with the engine's own explanation, including an engine
   that cannot be reached at all.
 """
@@ -41,17 +47,20 @@ import logging
 import math
 import os
 import re
+import struct
 import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import docker
 import docker.errors
+from docker.types import CancellableStream
 
+from scaler.logs import LineSplitter
 from scaler.runtime import (
     LABEL_INSTANCE,
     LABEL_PORT,
@@ -60,6 +69,8 @@ from scaler.runtime import (
     InstanceInfo,
     LaunchError,
     LaunchSpec,
+    LogLine,
+    LogStream,
     RuntimeEvent,
 )
 
@@ -80,6 +91,8 @@ _UNREACHABLE = "cannot reach the Docker engine (is dockerd running, and DOCKER_H
 _BUILD_TAIL = 5  # lines of build output a failed build's LaunchError quotes
 _BUILD_LINE_MAX = 300  # characters of one quoted build output line
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # the builder colours a step's stderr red
+_FRAME_HEADER = struct.Struct(">BxxxL")  # the log stream's frames: stream id, 3 zeros, length
+_FRAME_STREAMS: dict[int, LogStream] = {1: "stdout", 2: "stderr"}
 
 
 class DockerRuntime:
@@ -106,7 +119,7 @@ class DockerRuntime:
         self._client: Any = None
         self._client_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(_MAX_WORKERS, thread_name_prefix="tidegate-docker")
-        self._streams: set[_EventStream] = set()
+        self._streams: set[_EventStream | _LogFollower] = set()
         self._closed = False
 
     # -- the Runtime protocol ---------------------------------------------------------------
@@ -136,6 +149,11 @@ class DockerRuntime:
         if self._closed:
             raise LaunchError("the Docker runtime is closed")
         return self._follow(time.time())
+
+    def logs(self, instance_id: str, since: float | None = None) -> AsyncIterator[LogLine]:
+        """The container's stdout and stderr lines (dated by the engine) after ``since``, or
+        all of them, as they come, until the container stops or close()."""
+        return self._follow_logs(instance_id, since)
 
     # -- images ------------------------------------------------------------------------------
 
@@ -348,6 +366,204 @@ class DockerRuntime:
         finally:
             stream.close()
             self._streams.discard(stream)
+
+    async def _follow_logs(self, instance_id: str, since: float | None) -> AsyncIterator[LogLine]:
+        if self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[list[LogLine] | None] = asyncio.Queue()
+
+        def deliver(lines: list[LogLine] | None) -> bool:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, lines)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                return False
+            return True
+
+        follower = _LogFollower(self._client_factory, instance_id, self._scope, since, deliver)
+        self._streams.add(follower)
+        follower.start()
+        try:
+            while (lines := await queue.get()) is not None:
+                for line in lines:
+                    yield line
+        finally:
+            follower.close()
+            self._streams.discard(follower)
+
+
+class _LogFollower:
+    """One container's log stream, followed in a thread, handed to the loop per frame.
+
+    It ends when the stream ends and the container no longer runs (or is gone). A stream
+    that breaks while the container runs (dockerd restarted) is followed again from the last
+    line's time, and lines at or before it are skipped: the engine's ``since`` includes it
+    (so would an unseen line of that same instant, the one loss this can cause)."""
+
+    def __init__(
+        self,
+        client_factory: Callable[[], Any],
+        instance_id: str,
+        scope: Mapping[str, str],
+        since: float | None,
+        deliver: Callable[[list[LogLine] | None], bool],
+    ) -> None:
+        self._client_factory = client_factory
+        self._instance_id = instance_id
+        self._scope = scope
+        self._since = since  # lines at or before this are not delivered
+        self._last: float | None = None  # the time of the last line delivered
+        self._deliver = deliver
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._client: Any = None
+        self._stream: CancellableStream | None = None
+        self._splitters: dict[LogStream, LineSplitter] = {}
+        self._thread = threading.Thread(
+            target=self._run, name=f"tidegate-docker-logs-{instance_id}", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop following: shut the stream's socket so a blocked read returns. Never blocks."""
+        with self._lock:
+            self._stopping.set()
+            stream, client = self._stream, self._client
+        if stream is not None:
+            try:
+                stream.close()
+            except Exception:  # already closed, or the socket is gone: either way it ends
+                log.debug("closing a log stream", exc_info=True)
+        if client is not None:
+            client.close()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        delay = _RECONNECT_MIN
+        try:
+            while not self._stopping.is_set():
+                try:
+                    if not self._follow_once():
+                        break  # the container stopped, or is gone
+                    delay = _RECONNECT_MIN
+                except Exception as exc:
+                    if self._stopping.is_set():
+                        break
+                    log.warning(
+                        "following the output of %s failed (%s); retrying in %.1fs",
+                        self._instance_id,
+                        exc,
+                        delay,
+                    )
+                if self._stopping.wait(delay):
+                    break
+                delay = min(delay * 2, _RECONNECT_MAX)
+        finally:
+            with self._lock:
+                client, self._client, self._stream = self._client, None, None
+            if client is not None:
+                client.close()
+            rest = [
+                LogLine(stream, text, time.time())
+                for stream, splitter in self._splitters.items()
+                for text in splitter.flush()
+            ]
+            if rest and not self._stopping.is_set():
+                self._deliver(rest)
+            self._deliver(None)
+
+    def _follow_once(self) -> bool:
+        """Follow the stream until it ends; True if the container still runs (follow again)."""
+        if self._last is not None:  # again, after a break: the engine replays from since on
+            self._since = self._last
+        client = self._client_factory()
+        with self._lock:
+            if self._stopping.is_set():
+                client.close()
+                return False
+            self._client = client
+        try:
+            try:
+                container = client.containers.get(NAME_PREFIX + self._instance_id)
+            except docker.errors.NotFound:
+                return False
+            labels = container.labels or {}
+            if labels.get(LABEL_INSTANCE) != self._instance_id or any(
+                labels.get(k) != v for k, v in self._scope.items()
+            ):
+                return False  # a same-named container that is not ours
+            stream = self._open(client.api, container.id)
+            with self._lock:
+                if self._stopping.is_set():
+                    stream.close()
+                    return False
+                self._stream = stream
+            for stream_id, payload in stream:
+                lines = self._take(stream_id, payload)
+                if lines and not self._deliver(lines):
+                    self._stopping.set()
+                    return False
+            if self._stopping.is_set():
+                return False
+            try:
+                container.reload()
+            except docker.errors.NotFound:
+                return False
+            return (container.attrs.get("State") or {}).get("Status") in _RUNNING
+        finally:
+            with self._lock:
+                self._stream = self._client = None
+            client.close()
+
+    def _open(self, api: Any, container_id: str) -> CancellableStream:
+        """The engine's log stream of the container, as (stream id, payload) frames."""
+        params: dict[str, Any] = {"stdout": 1, "stderr": 1, "follow": 1, "timestamps": 1}
+        if self._since is not None:
+            params["since"] = f"{self._since:.9f}"
+        url = f"{api.base_url}/v{api.api_version}/containers/{container_id}/logs"
+        # No read timeout: a quiet container sends nothing for as long as it likes.
+        response = api.get(url, params=params, stream=True, timeout=None)
+        if response.status_code >= 400:
+            why = response.text.strip()
+            response.close()
+            raise LaunchError(f"reading the logs of {self._instance_id}: {why}")
+        return CancellableStream(_frames(response.raw), response)
+
+    def _take(self, stream_id: int, payload: bytes) -> list[LogLine]:
+        """The lines of one frame: ``<RFC 3339 time> <text>``, the text a whole line or,
+        past 16 KiB, a part of one (no newline at its end: the next frame continues it)."""
+        stream = _FRAME_STREAMS.get(stream_id)
+        if stream is None:
+            return []
+        stamp, _, text = payload.partition(b" ")
+        when = _timestamp(stamp.decode("ascii", errors="replace")) or time.time()
+        # Not compared with the previous line: the engine gives every line of one read from
+        # the app the same time.
+        if self._since is not None and when <= self._since:
+            return []  # before the given since, or delivered before a reconnect
+        self._last = when
+        splitter = self._splitters.setdefault(stream, LineSplitter())
+        return [LogLine(stream, line, when) for line in splitter.feed(text)]
+
+
+def _frames(raw: BinaryIO) -> Iterator[tuple[int, bytes]]:
+    """A multiplexed stream's frames as (stream id, payload): what the SDK's
+    ``_multiplexed_response_stream_helper`` reads, with the stream id kept."""
+    while True:
+        header = raw.read(_FRAME_HEADER.size)
+        if len(header) < _FRAME_HEADER.size:
+            return
+        stream_id, length = _FRAME_HEADER.unpack(header)
+        if not length:
+            continue
+        payload = raw.read(length)
+        if not payload:
+            return
+        yield stream_id, payload
 
 
 class _EventStream:
@@ -729,7 +945,7 @@ def _remove_quietly(container: Any) -> None:
             raise
 
 
-def _join_all(streams: list[_EventStream]) -> None:
+def _join_all(streams: list[_EventStream | _LogFollower]) -> None:
     deadline = time.monotonic() + _CLOSE_JOIN
     for stream in streams:
         stream.join(max(0.0, deadline - time.monotonic()))

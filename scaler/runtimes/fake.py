@@ -6,6 +6,7 @@ stopped) and adds the handles a test needs:
 
 - :meth:`FakeRuntime.fail_next_start` makes the next start raise :class:`LaunchError`;
 - :meth:`FakeRuntime.crash` makes a running instance exit with a code, as if it had died;
+- :meth:`FakeRuntime.write` makes an instance write a line of output, for :meth:`logs`;
 - ``launched`` and ``stopped`` record what the scaler asked for, in order.
 
 Addresses come from a counter, ``127.0.0.1:20000``, ``127.0.0.1:20001`` and so on; nothing
@@ -24,7 +25,14 @@ from typing import Literal
 
 import msgspec
 
-from scaler.runtime import InstanceInfo, LaunchError, LaunchSpec, RuntimeEvent
+from scaler.runtime import (
+    InstanceInfo,
+    LaunchError,
+    LaunchSpec,
+    LogLine,
+    LogStream,
+    RuntimeEvent,
+)
 from scaler.runtimes._events import Closed, EventStream
 
 __all__ = ["FakeHost", "FakeRuntime"]
@@ -38,6 +46,20 @@ class FakeHost:
     def __init__(self) -> None:
         self.instances: dict[str, InstanceInfo] = {}
         self.started = 0  # how many instances were ever started: the address counter
+        self.output: dict[str, list[LogLine]] = {}  # what each instance wrote, in order
+        self._waiters: list[asyncio.Future[None]] = []
+
+    async def changed(self) -> None:
+        """Returns at the next output, exit or removal."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
+
+    def notify(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 class FakeRuntime:
@@ -66,6 +88,15 @@ class FakeRuntime:
         info = msgspec.structs.replace(info, state="exited", exit_code=exit_code)
         self.host.instances[instance_id] = info
         self._emit("exited", info)
+        self.host.notify()
+
+    def write(self, instance_id: str, line: str, stream: LogStream = "stdout") -> None:
+        """A running instance writes ``line`` (at the clock's time now)."""
+        info = self.host.instances.get(instance_id)
+        if info is None or info.state != "running":
+            raise KeyError(f"no running instance {instance_id!r}")
+        self.host.output.setdefault(instance_id, []).append(LogLine(stream, line, self._clock()))
+        self.host.notify()
 
     async def start(self, spec: LaunchSpec) -> InstanceInfo:
         if self._closed:
@@ -95,6 +126,7 @@ class FakeRuntime:
             return
         self.stopped.append(instance_id)
         self._emit("removed", info)
+        self.host.notify()
 
     async def list(self) -> list[InstanceInfo]:
         return list(self.host.instances.values())
@@ -106,10 +138,29 @@ class FakeRuntime:
         """Exits and removals, until close(). One stream per runtime: consume it in one place."""
         return EventStream(self._events)
 
+    def logs(self, instance_id: str, since: float | None = None) -> AsyncIterator[LogLine]:
+        """What the instance wrote after ``since`` and writes from now on, until it has
+        exited or been removed (or the runtime closes)."""
+        return self._logs(instance_id, since)
+
+    async def _logs(self, instance_id: str, since: float | None) -> AsyncIterator[LogLine]:
+        given = 0
+        while True:
+            lines = self.host.output.get(instance_id, [])
+            for line in lines[given:]:
+                if since is None or line.time > since:
+                    yield line
+            given = len(lines)
+            info = self.host.instances.get(instance_id)
+            if self._closed or info is None or info.state != "running":
+                return
+            await self.host.changed()
+
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
             self._events.put_nowait(Closed())
+            self.host.notify()
 
     def _emit(self, kind: Literal["exited", "removed"], info: InstanceInfo) -> None:
         if not self._closed:

@@ -5,7 +5,8 @@ Its rules, which mirror what Docker does for a container so the scaler sees one 
 
 - An instance is ``spec.command`` (an argv, never a shell) in ``spec.workdir``, in a session
   and process group of its own, with ``spec.env`` plus only ``PATH``, ``HOME`` and ``LANG``
-  from the scaler's environment. Its stdout and stderr go to ``<state_dir>/logs/<id>.log``.
+  from the scaler's environment. Its stdout and stderr go to one file,
+  ``<state_dir>/logs/<id>.log``, in the order written.
   Processes share the host network: the instance listens on ``PORT`` from ``spec.env`` (the
   scaler chose it) and its address is ``127.0.0.1:PORT``. ``cpu`` and ``memory`` are not
   enforced.
@@ -29,6 +30,14 @@ Its rules, which mirror what Docker does for a container so the scaler sees one 
   ``"removed"``. Exit codes follow the shell's convention (128 + signal number, as Docker
   reports them); an adopted process's exit code is unknown (None) unless it is our child.
 
+- :meth:`~ProcessRuntime.logs` tails that file. A file, not a pipe: the instance must outlive
+  the scaler, and with a pipe it would get EPIPE (or block) once the scaler is gone; its file
+  just grows until the next scaler reads on. Lines are dated when read (the file has no
+  times), within ``_TAIL_INTERVAL``. The byte offset given so far is saved beside the file
+  (``<id>.pos``, every ``_POSITION_SAVE_INTERVAL`` and when the reader stops), so the next
+  reader of an adopted instance continues there: nothing lost across a scaler restart, at
+  most a few seconds repeated after a crash. Both files are removed with the instance.
+
 The runtime is Linux-only: adoption and identity checks read ``/proc``. ``start`` blocks the
 loop for the fork and exec and one small file write, as asyncio's own subprocess support does.
 """
@@ -50,6 +59,7 @@ from typing import Literal
 
 import msgspec
 
+from scaler.logs import LineSplitter
 from scaler.runtime import (
     LABEL_INSTANCE,
     LABEL_PORT,
@@ -59,6 +69,7 @@ from scaler.runtime import (
     InstanceState,
     LaunchError,
     LaunchSpec,
+    LogLine,
     RuntimeEvent,
 )
 from scaler.runtimes._events import Closed, EventStream
@@ -74,6 +85,9 @@ _INHERITED_ENV = ("PATH", "HOME", "LANG")
 _SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 # Without pidfds (kernels before 5.3) exits are polled at this interval, in seconds.
 _POLL_INTERVAL = 0.2
+_TAIL_INTERVAL = 0.2  # seconds between looks at an instance's output file for more
+_POSITION_SAVE_INTERVAL = 5.0  # seconds between saves of a reader's offset while it reads
+_READ_SIZE = 64 * 1024  # bytes read at a time; the loop gets a turn between reads
 
 
 class _Record(msgspec.Struct, frozen=True, kw_only=True):
@@ -116,6 +130,9 @@ class ProcessRuntime:
     def log_path(self, instance_id: str) -> Path:
         """Where an instance's stdout and stderr go."""
         return self._logs_dir / f"{instance_id}.log"
+
+    def _position_path(self, instance_id: str) -> Path:
+        return self._logs_dir / f"{instance_id}.pos"
 
     async def start(self, spec: LaunchSpec) -> InstanceInfo:
         self._adopt()
@@ -185,6 +202,12 @@ class ProcessRuntime:
         """Exits and removals, until close(). One stream per runtime: consume it in one place."""
         return EventStream(self._events)
 
+    def logs(self, instance_id: str, since: float | None = None) -> AsyncIterator[LogLine]:
+        """The instance's output file, line by line, stream "output", until it has exited and
+        the file is read to its end. With ``since`` it continues from the offset the previous
+        reader saved (from the start if none did); None: from the start."""
+        return self._tail(instance_id, since is not None)
+
     async def close(self) -> None:
         """Stops watching; the instances keep running, for the next runtime to adopt."""
         if self._closed:
@@ -200,6 +223,69 @@ class ProcessRuntime:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._events.put_nowait(Closed())
+
+    # -- output --------------------------------------------------------------------------
+
+    async def _tail(self, instance_id: str, resume: bool) -> AsyncIterator[LogLine]:
+        self._adopt()
+        instance = self._instances.get(instance_id)
+        if instance is None or self._closed:
+            return
+        try:
+            file = self.log_path(instance_id).open("rb")
+        except FileNotFoundError:
+            return
+        given = self._saved_position(instance_id) if resume else 0
+        saved, saved_at = given, time.monotonic()
+        splitter = LineSplitter()
+        try:
+            with file:
+                if given > os.fstat(file.fileno()).st_size:
+                    given = 0  # not this file's position
+                file.seek(given)
+                origin = given
+                while True:
+                    # Looked at before reading: once exited, this read gets the last bytes.
+                    exited = instance.exited.is_set()
+                    chunk = file.read(_READ_SIZE)
+                    if chunk:
+                        now = time.time()
+                        for text, used in splitter.split(chunk):
+                            given = origin + used  # given out: a later reader starts after it
+                            yield LogLine("output", text, now)
+                        if time.monotonic() - saved_at >= _POSITION_SAVE_INTERVAL:
+                            saved = self._save_position(instance_id, given)
+                            saved_at = time.monotonic()
+                        await asyncio.sleep(0)  # a long backlog must not hold the loop
+                        continue
+                    if exited or self._closed:
+                        if exited:
+                            given = file.tell()
+                            for text in splitter.flush():
+                                yield LogLine("output", text, time.time())
+                        return
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(_TAIL_INTERVAL):
+                            await instance.exited.wait()
+        finally:
+            if given != saved and instance_id in self._instances:  # not once it is removed
+                self._save_position(instance_id, given)
+
+    def _saved_position(self, instance_id: str) -> int:
+        try:
+            return int(self._position_path(instance_id).read_text())
+        except (OSError, ValueError):
+            return 0
+
+    def _save_position(self, instance_id: str, offset: int) -> int:
+        path = self._position_path(instance_id)
+        partial = path.with_name(f".{path.name}.partial")
+        try:
+            partial.write_text(str(offset))
+            os.replace(partial, path)
+        except OSError as error:
+            _log.warning("saving the output position of %s failed: %s", instance_id, error)
+        return offset
 
     # -- starting ------------------------------------------------------------------------
 
@@ -291,6 +377,9 @@ class ProcessRuntime:
                 await instance.exited.wait()
         self._record_path(record.instance_id).unlink(missing_ok=True)
         del self._instances[record.instance_id]
+        # A reader has the file open still and reads it to its end; nobody else needs it.
+        self.log_path(record.instance_id).unlink(missing_ok=True)
+        self._position_path(record.instance_id).unlink(missing_ok=True)
         _log.info("stopped %s", record.instance_id)
         self._emit("removed", instance)
 

@@ -4,27 +4,44 @@ Each talks to a running scaler (`tidegate scaler` or `tidegate up`) over its con
 (``--socket``, default as the scaler's), prints what happened and exits 0, or 1 with the
 reason on stderr (the scaler unreachable, an unknown service, a rejected file), or 2 on a
 usage error.
+
+`tidegate status --watch` redraws the table every ``--interval`` until Ctrl-C (exit 0). On a
+terminal it clears the screen first (ANSI codes); into a pipe or file it prints a separator
+line (``--- <UTC time>``) before each table instead, so every frame stays readable. If the
+scaler goes away meanwhile it says so on stderr and exits 1.
+
+`tidegate cost` is registered here too but lives in :mod:`scaler.costcmd`: it reads the
+services' logs, not the scaler.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TextIO, TypeVar
 
 import msgspec
 
 from ingress.control import ControlError
+from ingress.units import parse_duration
+from scaler import costcmd
 from scaler.api import ScalerClient, default_scaler_socket
 from scaler.messages import ApplyFile, ServiceStatus, StatusReport
 
 __all__ = ["add_parsers", "format_status"]
 
 _T = TypeVar("_T")
+
+DEFAULT_WATCH_INTERVAL = "1s"
+MIN_WATCH_INTERVAL = 0.1  # seconds; the ingress's stats come every 100 ms, faster shows nothing
+# Cursor home, then erase the whole screen (ECMA-48 CUP and ED): what `watch` and `top` send.
+_CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
 
 def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -36,7 +53,25 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
         "its instances, the last scaling reason, errors and back-off.",
     )
     status.add_argument("service", nargs="?", metavar="SERVICE")
-    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.add_argument(
+        "--json",
+        action="store_true",
+        help="print the status as JSON (with --watch: one JSON document per line)",
+    )
+    status.add_argument(
+        "-w",
+        "--watch",
+        action="store_true",
+        help="redraw every --interval until Ctrl-C (a terminal is cleared each time; a pipe "
+        "gets a '--- TIME' separator line before each table)",
+    )
+    status.add_argument(
+        "--interval",
+        type=_interval,
+        default=parse_duration(DEFAULT_WATCH_INTERVAL),
+        metavar="DURATION",
+        help=f"how often --watch redraws, e.g. 500ms, 2s (default {DEFAULT_WATCH_INTERVAL})",
+    )
     status.set_defaults(func=_status)
     apply = subparsers.add_parser(
         "apply",
@@ -63,6 +98,7 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
             metavar="PATH",
             help="the scaler's control socket (default: the one `tidegate scaler` uses)",
         )
+    costcmd.add_parser(subparsers)  # reads the logs, not the scaler: no --socket
 
 
 def _call(args: argparse.Namespace, command: Callable[[ScalerClient], Awaitable[_T]]) -> _T:
@@ -95,7 +131,21 @@ def _fail(prog: str, exc: Exception) -> int:
     return 1
 
 
+def _interval(text: str) -> float:
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds < MIN_WATCH_INTERVAL:
+        raise argparse.ArgumentTypeError(
+            f"must be at least {MIN_WATCH_INTERVAL * 1000:.0f}ms (got {text!r})"
+        )
+    return seconds
+
+
 def _status(args: argparse.Namespace) -> int:
+    if args.watch:
+        return _watch(args)
     try:
         report = _call(args, lambda c: c.status(args.service))
     except _Failure as exc:
@@ -105,6 +155,76 @@ def _status(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(format_status(report, detail=args.service is not None))
     return 0
+
+
+def _watch(args: argparse.Namespace) -> int:
+    """`status --watch`: a frame every ``args.interval`` until Ctrl-C or the scaler goes."""
+    path = args.socket or default_scaler_socket()
+    out = sys.stdout
+    tty = out.isatty()
+
+    async def main() -> None:
+        client = ScalerClient(path)
+        loop = asyncio.get_running_loop()
+        try:
+            next_frame = loop.time()
+            frames = 0
+            while True:
+                try:
+                    report = await client.status(args.service)
+                except ControlError as exc:
+                    raise _Failure(_lost(path, exc, first=frames == 0)) from None
+                _frame(out, report, args, tty=tty)
+                frames += 1
+                # a steady cadence: the next frame is due one interval after this one was,
+                # not after this one was printed (skipping frames a slow call made late)
+                next_frame += args.interval
+                now = loop.time()
+                if next_frame < now:
+                    next_frame = now + args.interval
+                await asyncio.sleep(next_frame - now)
+        finally:
+            await client.close()
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        return 0  # Ctrl-C is how a watch ends
+    except _Failure as exc:
+        return _fail("status", exc)
+    except BrokenPipeError:
+        # the reader went away (`| head`): quietly, and without a second error at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    return 0  # pragma: no cover (the loop only ends by an exception)
+
+
+def _lost(path: str, exc: ControlError, *, first: bool) -> str:
+    if exc.status != 0:
+        return exc.message  # e.g. the watched service was deleted
+    if first:
+        return (
+            f"cannot reach the scaler on {path} (is `tidegate scaler` or `tidegate up` "
+            f"running? --socket names another): {exc}"
+        )
+    return f"lost the scaler on {path}: {exc}"
+
+
+def _frame(out: TextIO, report: StatusReport, args: argparse.Namespace, *, tty: bool) -> None:
+    """One redraw: the table (or a JSON line) with what marks a new frame."""
+    if args.json:
+        out.write(msgspec.json.encode(report).decode() + "\n")
+    else:
+        stamp = datetime.datetime.fromtimestamp(time.time(), datetime.UTC)
+        stamp_text = stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
+        table = format_status(report, detail=args.service is not None)
+        if tty:
+            every = f"every {args.interval:g}s"
+            out.write(f"{_CLEAR_SCREEN}tidegate status, {every}, {stamp_text} (Ctrl-C ends)\n\n")
+        else:
+            out.write(f"--- {stamp_text}\n")
+        out.write(table)
+    out.flush()
 
 
 def _apply(args: argparse.Namespace) -> int:

@@ -26,12 +26,13 @@ from ingress.control import ControlClient, ControlError
 from ingress.paths import state_root
 from ingress.server import split_listen
 from ingress.unixsock import ControlSocketError
+from scaler import statuspage
 from scaler.api import ScalerApiServer, default_scaler_socket
 from scaler.daemon import Scaler, load_paths
 from scaler.metrics import ScalerCollector
 from scaler.spec import MAX_SIZE_LIMIT
 
-__all__ = ["add_parser", "add_state_dir_flag", "run"]
+__all__ = ["add_log_dir_flag", "add_parser", "add_state_dir_flag", "log_dir_for", "run"]
 
 log = logging.getLogger("tidegate.scaler")
 
@@ -49,6 +50,23 @@ def add_state_dir_flag(parser: argparse.ArgumentParser) -> None:
         "them (default $STATE_DIRECTORY, else /var/lib/tidegate as root, else "
         "$XDG_STATE_HOME/tidegate or ~/.local/state/tidegate)",
     )
+
+
+def add_log_dir_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="where each service's system and app logs go, <DIR>/<service>/system.log and "
+        "app.log (default: logs in the state directory, so --state-dir X logs to X/logs)",
+    )
+
+
+def log_dir_for(log_dir: Path | None, state_dir: Path) -> Path:
+    """``--log-dir``, else ``logs`` in the state directory (``tidegate logs``' default when
+    ``--state-dir`` is not given either: :func:`ingress.paths.state_root`)."""
+    return log_dir if log_dir is not None else state_dir / "logs"
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -95,6 +113,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="the highest autoscaling.max_size a service file may ask for (default %(default)s)",
     )
     add_state_dir_flag(parser)
+    add_log_dir_flag(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.set_defaults(func=run)
 
@@ -114,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"tidegate scaler: --metrics-listen: {exc}", file=sys.stderr)
             return 2
+    state_dir = args.state_dir or state_root()
     try:
         return run_loop(
             serve(
@@ -121,8 +141,9 @@ def run(args: argparse.Namespace) -> int:
                 ingress_socket=args.ingress_socket or default_control_socket(),
                 socket_path=args.socket or default_scaler_socket(),
                 metrics=metrics,
-                state_dir=args.state_dir or state_root(),
+                state_dir=state_dir,
                 max_size_limit=args.max_size_limit,
+                log_dir=log_dir_for(args.log_dir, state_dir),
             )
         )
     except (OSError, ControlSocketError) as exc:
@@ -138,19 +159,25 @@ async def serve(
     metrics: tuple[str, int] | None,
     state_dir: Path,
     max_size_limit: int,
+    log_dir: Path | None = None,
 ) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     control = ControlClient(ingress_socket)
-    scaler = Scaler(control, state_dir=state_dir, max_size_limit=max_size_limit)
+    scaler = Scaler(control, state_dir=state_dir, max_size_limit=max_size_limit, log_dir=log_dir)
     ready = False
     registry = CollectorRegistry()
     registry.register(ScalerCollector(scaler.controllers))
     admin = None
     if metrics is not None:
-        admin = AdminServer(*metrics, ready=lambda: ready, registry=registry)
+        admin = AdminServer(
+            *metrics,
+            ready=lambda: ready,
+            registry=registry,
+            routes=statuspage.routes(scaler.status),
+        )
     api = ScalerApiServer(scaler, socket_path)
     started = False
     try:
@@ -176,6 +203,8 @@ async def serve(
         await api.close()
         if started:
             await scaler.close(stop_instances=False)
+        else:
+            await scaler.close_logs()
         await control.close()
         if admin is not None:
             await admin.close()

@@ -33,10 +33,11 @@ from ingress.control import ControlClient, ControlError
 from ingress.paths import state_root
 from ingress.server import Ingress, IngressSettings, print_addresses
 from ingress.unixsock import ControlSocketError
+from scaler import statuspage
 from scaler.api import ScalerApiServer, default_scaler_socket
 from scaler.daemon import Scaler
 from scaler.metrics import ScalerCollector
-from scaler.serve import add_state_dir_flag
+from scaler.serve import add_log_dir_flag, add_state_dir_flag, log_dir_for
 from scaler.spec import ServiceSpec, SpecError, load_service_files
 
 __all__ = ["add_parser", "run"]
@@ -55,6 +56,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     parser.add_argument("files", nargs="+", metavar="FILE", help="service files (YAML)")
     add_state_dir_flag(parser)
+    add_log_dir_flag(parser)
     parser.add_argument(
         "--scaler-socket",
         default=None,
@@ -91,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
                 [str(Path(f).resolve()) for f in args.files],
                 state_dir=state_dir,
                 scaler_socket=args.scaler_socket,
+                log_dir=log_dir_for(args.log_dir, state_dir),
             )
         )
     except (OSError, ValueError, ControlSocketError, ControlError, SpecError) as exc:
@@ -105,10 +108,11 @@ async def up(
     *,
     state_dir: Path,
     scaler_socket: str | None = None,
+    log_dir: Path | None = None,
 ) -> int:
     """Serve ``specs`` (read from ``files``) until SIGTERM/SIGINT; the process runtime keeps
     its records under ``state_dir``. ``scaler_socket`` None: the default path, skipped with
-    a warning when another process holds it."""
+    a warning when another process holds it. ``log_dir``: the services' logs (None: none)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -118,14 +122,14 @@ async def up(
         settings = msgspec.structs.replace(settings, control_socket=socket_path)
         ingress = Ingress(settings)
         control = ControlClient(socket_path)
-        scaler = Scaler(control, state_dir=state_dir)
+        scaler = Scaler(control, state_dir=state_dir, log_dir=log_dir)
         ingress.registry.register(ScalerCollector(scaler.controllers))
         api = ScalerApiServer(scaler, scaler_socket or default_scaler_socket())
         started = False
         try:
             # not ready (503 on /-/ready) until the services are put: before that, every
             # request would get a 404
-            await ingress.start(mark_ready=False)
+            await ingress.start(mark_ready=False, admin_routes=statuspage.routes(scaler.status))
             api_path: str | None = api.path
             try:
                 await api.start()
@@ -150,6 +154,8 @@ async def up(
             await ingress.drain()
             if started:
                 await scaler.close(stop_instances=True)
+            else:
+                await scaler.close_logs()
             await control.close()
     return 0
 

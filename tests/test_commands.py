@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import pty
 import re
 import signal
 import subprocess
@@ -442,3 +443,144 @@ def test_commands_without_a_scaler_say_so(tmp_path: Path) -> None:
             if child.poll() is None:
                 child.kill()
                 child.wait()
+
+
+async def read_frames(stream: asyncio.StreamReader, count: int) -> list[list[str]]:
+    """``count`` frames of `status --watch` from a pipe: the lines after each separator."""
+    frames: list[list[str]] = []
+    async with asyncio.timeout(POLL_TIMEOUT):
+        while True:
+            line = (await stream.readline()).decode()
+            assert line, f"the watch ended after {len(frames)} frame(s)"
+            if line.startswith("--- "):
+                if len(frames) == count:
+                    return frames
+                frames.append([])
+            elif frames:
+                frames[-1].append(line.rstrip("\n"))
+
+
+async def test_status_watch_redraws_until_interrupted(tmp_path: Path) -> None:
+    """`status --watch` into a pipe prints a separator and the table each interval, with the
+    service's detail when named; SIGINT ends it with 0 and no traceback."""
+    async with tidegate_up(tmp_path) as up:
+        await up.get()
+        watch = await asyncio.create_subprocess_exec(
+            *TIDEGATE,
+            "status",
+            "hello",
+            "--watch",
+            "--interval",
+            "200ms",
+            "--socket",
+            str(up.socket),
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            assert watch.stdout is not None and watch.stderr is not None
+            frames = await read_frames(watch.stdout, 2)
+            for frame in frames:
+                rows = table("\n".join(frame))
+                assert rows["hello"][:4] == ["running", "1", "0", "1"]
+                assert "service hello (process, revision" in "\n".join(frame)
+            watch.send_signal(signal.SIGINT)
+            async with asyncio.timeout(CLI_TIMEOUT):
+                code = await watch.wait()
+            stderr = (await watch.stderr.read()).decode()
+        finally:
+            if watch.returncode is None:
+                watch.kill()
+                await watch.wait()
+        assert code == 0, stderr
+        assert "Traceback" not in stderr
+        assert stderr == ""
+
+
+async def test_status_watch_says_when_the_scaler_goes(tmp_path: Path) -> None:
+    """A watch whose scaler stops says so on stderr and exits 1."""
+    async with tidegate_up(tmp_path) as up:
+        watch = await asyncio.create_subprocess_exec(
+            *TIDEGATE,
+            "status",
+            "--watch",
+            "--interval",
+            "100ms",
+            "--socket",
+            str(up.socket),
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert watch.stdout is not None and watch.stderr is not None
+        try:
+            await read_frames(watch.stdout, 1)
+        except BaseException:
+            watch.kill()
+            await watch.wait()
+            raise
+    try:
+        async with asyncio.timeout(CLI_TIMEOUT):
+            _, stderr_bytes = await watch.communicate()
+    finally:
+        if watch.returncode is None:
+            watch.kill()
+            await watch.wait()
+    stderr = stderr_bytes.decode()
+    assert watch.returncode == 1, stderr
+    assert stderr.startswith(f"tidegate status: lost the scaler on {up.socket}"), stderr
+    assert "Traceback" not in stderr
+
+
+async def test_status_watch_clears_a_terminal(tmp_path: Path) -> None:
+    """On a terminal, `status --watch` clears the screen (ANSI) before each table instead."""
+    async with tidegate_up(tmp_path) as up:
+        primary, secondary = pty.openpty()
+        watch = await asyncio.create_subprocess_exec(
+            *TIDEGATE,
+            "status",
+            "--watch",
+            "--interval",
+            "100ms",
+            "--socket",
+            str(up.socket),
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=secondary,
+            stderr=subprocess.PIPE,
+        )
+        os.close(secondary)
+        seen = b""
+        try:
+            loop = asyncio.get_running_loop()
+            async with asyncio.timeout(POLL_TIMEOUT):
+                while seen.count(b"\x1b[H\x1b[2J") < 2:
+                    seen += await loop.run_in_executor(None, os.read, primary, 4096)
+            watch.send_signal(signal.SIGINT)
+            async with asyncio.timeout(CLI_TIMEOUT):
+                assert await watch.wait() == 0
+        finally:
+            if watch.returncode is None:
+                watch.kill()
+                await watch.wait()
+            os.close(primary)
+        text = seen.decode(errors="replace")
+        assert "tidegate status, every 0.1s" in text
+        assert "--- " not in text
+        assert text.split("\x1b[H\x1b[2J")[1].splitlines()[2].split() == HEADER
+
+
+def test_status_watch_usage_and_no_scaler(tmp_path: Path) -> None:
+    """A bad --interval is a usage error (2); a watch with no scaler to start with is 1."""
+    sock = tmp_path / "none.sock"
+    for interval in ("soon", "0s", "10ms"):
+        result = run_cli("status", "--watch", "--interval", interval, "--socket", str(sock))
+        assert result.returncode == 2, result.stderr
+        assert "--interval" in result.stderr
+    result = run_cli("status", "--watch", "--socket", str(sock))
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.startswith(f"tidegate status: cannot reach the scaler on {sock}")

@@ -500,26 +500,6 @@ def _remove_ours(client: Any) -> None:
         print(f"bench coldstart: cleanup: listing containers failed: {exc}", file=sys.stderr)
 
 
-def _check_no_other_services(client: Any) -> None:
-    """Refuse to run beside other tidegate instances on this engine.
-
-    `tidegate up` stops every container labelled tidegate.service whose service none of its
-    files names (orphans of an earlier run), so starting it here would remove them.
-    """
-    others = sorted(
-        {
-            f"{c.labels.get(_SERVICE_LABEL)} ({c.name})"
-            for c in _containers(client, _SERVICE_LABEL)
-            if c.labels.get(_SERVICE_LABEL) != SERVICE
-        }
-    )
-    if others:
-        raise procs.StartError(
-            "other tidegate containers run on this engine, and `tidegate up` removes those of "
-            f"services it has no file for; stop them first: {', '.join(others)}"
-        )
-
-
 def _until(
     done: Callable[[], bool],
     timeout_s: float,
@@ -572,8 +552,9 @@ def _start_tidegate(ws: procs.Workspace, service_path: Path) -> _Tidegate:
     port, metrics_port = procs.free_port(), procs.free_port()
     argv = _tidegate_argv(service_path, port, metrics_port, ws.path("state"))
     # its own control socket: `tidegate status` or `pause` meant for a real scaler on this
-    # host must not reach the benchmark's, nor the benchmark take the default path
-    argv += ["--scaler-socket", str(ws.path("scaler.sock"))]
+    # host must not reach the benchmark's, nor the benchmark take the default path; and its
+    # own scope, so it neither adopts nor removes anyone else's containers
+    argv += ["--scaler-socket", str(ws.path("scaler.sock")), "--scope", "bench-coldstart"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # The log file is drained by nobody and never fills a pipe: tidegate cannot block on it.
     proc = ws.spawn("tidegate", argv, env=env, cwd=_REPO_ROOT)
@@ -747,7 +728,6 @@ def main(args: argparse.Namespace) -> int:
     try:
         engine = str(client.version().get("Version", "unknown"))
         image = _build_image(client)
-        _check_no_other_services(client)
         text = service_file(image)
         with _cleanup_deferred(client):
             _remove_ours(client)  # left by a run that was killed

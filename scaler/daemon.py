@@ -33,8 +33,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -67,7 +69,15 @@ from scaler.spec import (
     parse_service_text,
 )
 
-__all__ = ["Loaded", "Scaler", "load_paths", "make_runtime"]
+__all__ = [
+    "DEFAULT_SCOPE",
+    "LABEL_SCOPE",
+    "Loaded",
+    "Scaler",
+    "check_scope",
+    "load_paths",
+    "make_runtime",
+]
 
 _log = logging.getLogger("tidegate.scaler")
 
@@ -107,15 +117,30 @@ def load_paths(
     return loaded, errors
 
 
-def make_runtime(kind: str, state_dir: Path) -> Runtime:
-    """The runtime for ``kind``; the process runtime keeps its records under ``state_dir``."""
+LABEL_SCOPE = "tidegate.scope"  # which scaler's a container is
+DEFAULT_SCOPE = "default"
+_SCOPE_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def check_scope(scope: str) -> str:
+    """A scope name is a DNS label (it becomes a label value and a directory name)."""
+    if not _SCOPE_NAME.fullmatch(scope):
+        raise ValueError(f"scope must be a DNS label [a-z0-9-], 1 to 63 characters (got {scope!r})")
+    return scope
+
+
+def make_runtime(kind: str, state_dir: Path, scope: str = DEFAULT_SCOPE) -> Runtime:
+    """The runtime for ``kind`` in ``scope``: a scaler sees, adopts and removes as orphans
+    only its own scope's instances, so two scalers on one host (a `tidegate up` beside the
+    daemon) never take each other's. The process runtime keeps its records under
+    ``state_dir/process/<scope>``; Docker containers carry the ``tidegate.scope`` label."""
     if kind == "process":
         from scaler.runtimes.process import ProcessRuntime
 
-        return ProcessRuntime(state_dir / "process")
+        return ProcessRuntime(state_dir / "process" / scope)
     from scaler.runtimes.docker import DockerRuntime  # imported only when a service needs it
 
-    return DockerRuntime()
+    return DockerRuntime(scope_labels={LABEL_SCOPE: scope})
 
 
 class Scaler:
@@ -128,7 +153,8 @@ class Scaler:
         *,
         state_dir: Path,
         max_size_limit: int = MAX_SIZE_LIMIT,
-        runtime_factory: Callable[[str, Path], Runtime] = make_runtime,
+        runtime_factory: Callable[[str, Path], Runtime] | None = None,
+        scope: str = DEFAULT_SCOPE,
         environ: Mapping[str, str] = os.environ,
         log: logging.Logger = _log,
         log_dir: Path | None = None,
@@ -139,7 +165,8 @@ class Scaler:
         self._control = control
         self._state_dir = state_dir
         self._max_size_limit = max_size_limit
-        self._runtime_factory = runtime_factory
+        self.scope = check_scope(scope)
+        self._runtime_factory = runtime_factory or functools.partial(make_runtime, scope=scope)
         self._environ = environ
         self._log = log
         self._health = HealthChecker()
@@ -148,6 +175,7 @@ class Scaler:
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = asyncio.Event()
         self._lock = asyncio.Lock()
+        self._from_paths: set[str] = set()  # services loaded from the scaler's own paths
         self.events = None if log_dir is None else ServiceLogs(log_dir)
         self._usage_interval = usage_interval
         # service -> (active, idle) instance-seconds already in its usage records
@@ -180,6 +208,7 @@ class Scaler:
         await self._remove_orphans({spec.name for spec, _ in built})
         for spec, source in built:
             await self._add(spec, source, "loaded")
+        self._from_paths = {spec.name for spec, _ in loaded}
 
     def status(self, service: str | None = None) -> StatusReport:
         """Every service's status, or one's (KeyError if unknown), and the files not loaded."""
@@ -232,21 +261,73 @@ class Scaler:
         controller.resume()
         return controller.status()
 
+    async def reload(self, loaded: list[Loaded], errors: Iterable[FileError]) -> list[ApplyResult]:
+        """Make the services of the scaler's paths what the files now say (SIGHUP).
+
+        Good files are applied like `tidegate apply` (a changed service rolls out without
+        dropping a request); a bad one is reported and its service, if running, keeps its
+        running configuration. Services whose file is gone are deleted, but only those that
+        came from the paths (not from `tidegate apply` of another file), and not while some
+        file fails to load: the broken file may be the service's own."""
+        async with self._lock:
+            self.errors = list(errors)
+            results: list[ApplyResult] = []
+            for spec, source in loaded:
+                try:
+                    spec = await self._resolve_image(spec, source)
+                    others = [
+                        (c.spec, self._sources.get(n, f"service {n}"))
+                        for n, c in self.controllers.items()
+                        if n != spec.name
+                    ]
+                    check_together([*others, (spec, source)])
+                except SpecError as exc:
+                    self.errors.append(FileError(source, str(exc)))
+                    continue
+                controller = self.controllers.get(spec.name)
+                action: ApplyAction
+                if controller is None:
+                    action = "created"
+                    await self._add(spec, source, action)
+                else:
+                    if spec.instance != controller.spec.instance:
+                        self._record_usage(spec.name)
+                    action = await controller.update(spec)
+                    self._sources[spec.name] = source
+                    if action != "unchanged":
+                        self._record_applied(spec, source, action)
+                results.append(ApplyResult(spec.name, action, spec.spec_hash()))
+            for error in self.errors:
+                self._log.error("reload: not loaded: %s", error.error)
+            names = {spec.name for spec, _ in loaded}
+            if self.errors:
+                self._from_paths |= names
+            else:
+                for gone in sorted(self._from_paths - names):
+                    if gone in self.controllers:
+                        await self._delete(gone)
+                self._from_paths = names
+            return results
+
     async def delete(self, service: str) -> None:
         """Drain and stop the service's instances, then remove its route at the ingress."""
         async with self._lock:
-            controller = self.controllers[service]
-            self._log.info("%s: deleting", service)
-            await controller.stop(drain=True)
-            self._record_usage(service)
-            if self.events is not None:
-                message = "deleted: its instances are stopped and its route removed"
-                self.events.system(service, "applied", message, action="deleted")
-            del self.controllers[service]
-            self._usage_marks.pop(service, None)
-            self._sources.pop(service, None)
-            with contextlib.suppress(ControlError):
-                await self._control.delete_service(service)
+            await self._delete(service)
+
+    async def _delete(self, service: str) -> None:
+        """delete() with the lock held."""
+        controller = self.controllers[service]
+        self._log.info("%s: deleting", service)
+        await controller.stop(drain=True)
+        self._record_usage(service)
+        if self.events is not None:
+            message = "deleted: its instances are stopped and its route removed"
+            self.events.system(service, "applied", message, action="deleted")
+        del self.controllers[service]
+        self._usage_marks.pop(service, None)
+        self._sources.pop(service, None)
+        with contextlib.suppress(ControlError):
+            await self._control.delete_service(service)
 
     def closing(self) -> None:
         """Say that the ingress is about to go: its ending the subscription is expected."""

@@ -25,10 +25,11 @@ from ingress.cli import default_control_socket, run_loop
 from ingress.control import ControlClient, ControlError
 from ingress.paths import state_root
 from ingress.server import split_listen
+from ingress.systemd import Notifier, Ticker, start_watchdog
 from ingress.unixsock import ControlSocketError
 from scaler import statuspage
 from scaler.api import ScalerApiServer, default_scaler_socket
-from scaler.daemon import Scaler, load_paths
+from scaler.daemon import DEFAULT_SCOPE, Scaler, check_scope, load_paths
 from scaler.metrics import ScalerCollector
 from scaler.spec import MAX_SIZE_LIMIT
 
@@ -49,6 +50,17 @@ def add_state_dir_flag(parser: argparse.ArgumentParser) -> None:
         help="where the process runtime keeps its instance records, so a restart adopts "
         "them (default $STATE_DIRECTORY, else /var/lib/tidegate as root, else "
         "$XDG_STATE_HOME/tidegate or ~/.local/state/tidegate)",
+    )
+
+
+def add_scope_flag(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--scope",
+        default=default,
+        metavar="NAME",
+        help="the instances this scaler owns: it adopts, and removes as orphans, only those "
+        "of its scope (a tidegate.scope label on containers, a directory for processes), so "
+        "two scalers on one host leave each other's alone (default %(default)s)",
     )
 
 
@@ -114,6 +126,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     add_state_dir_flag(parser)
     add_log_dir_flag(parser)
+    add_scope_flag(parser, DEFAULT_SCOPE)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.set_defaults(func=run)
 
@@ -125,6 +138,11 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.max_size_limit < 1:
         print("tidegate scaler: --max-size-limit must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        check_scope(args.scope)
+    except ValueError as exc:
+        print(f"tidegate scaler: --scope: {exc}", file=sys.stderr)
         return 2
     metrics: tuple[str, int] | None = None
     if args.metrics_listen:
@@ -144,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
                 state_dir=state_dir,
                 max_size_limit=args.max_size_limit,
                 log_dir=log_dir_for(args.log_dir, state_dir),
+                scope=args.scope,
             )
         )
     except (OSError, ControlSocketError) as exc:
@@ -160,13 +179,22 @@ async def serve(
     state_dir: Path,
     max_size_limit: int,
     log_dir: Path | None = None,
+    scope: str = DEFAULT_SCOPE,
 ) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    notifier = Notifier.from_environ()  # first: no instance may inherit NOTIFY_SOCKET
+    watchdog = start_watchdog(loop, notifier)
     control = ControlClient(ingress_socket)
-    scaler = Scaler(control, state_dir=state_dir, max_size_limit=max_size_limit, log_dir=log_dir)
+    scaler = Scaler(
+        control,
+        state_dir=state_dir,
+        max_size_limit=max_size_limit,
+        log_dir=log_dir,
+        scope=scope,
+    )
     ready = False
     registry = CollectorRegistry()
     registry.register(ScalerCollector(scaler.controllers))
@@ -185,11 +213,23 @@ async def serve(
             await admin.start()
         await api.start()
         loaded, errors = load_paths(paths, max_size_limit=max_size_limit)
+        notifier.status(f"waiting for the ingress on {ingress_socket}")
         if not await _wait_for_ingress(control, ingress_socket, stop):
             return 0
         await scaler.start(loaded, errors)
         started = True
         ready = True
+        notifier.ready(_status_line(scaler))
+        status_ticker = Ticker(loop, _STATUS_EVERY, lambda: notifier.status(_status_line(scaler)))
+
+        reloads: set[asyncio.Task[None]] = set()
+
+        def reload() -> None:
+            task = loop.create_task(_reload(scaler, paths, max_size_limit, notifier))
+            reloads.add(task)  # held until done: the loop keeps only weak references
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, reload)
         log.info(
             "ready: %d service(s), control socket %s%s (pid %d)",
             len(scaler.controllers),
@@ -199,6 +239,12 @@ async def serve(
         )
         await stop.wait()
         log.info("stopping; the instances keep serving for the next scaler to adopt")
+        notifier.stopping("stopping; the instances keep serving")
+        loop.remove_signal_handler(signal.SIGHUP)
+        status_ticker.cancel()
+        for task in list(reloads):
+            task.cancel()
+        await asyncio.gather(*reloads, return_exceptions=True)
     finally:
         await api.close()
         if started:
@@ -208,7 +254,39 @@ async def serve(
         await control.close()
         if admin is not None:
             await admin.close()
+        if watchdog is not None:
+            watchdog.cancel()  # only now: stopping may take longer than WatchdogSec
+        notifier.close()
     return 0
+
+
+_STATUS_EVERY = 5.0  # seconds between STATUS= lines for `systemctl status`
+
+
+def _status_line(scaler: Scaler) -> str:
+    services = scaler.status().services
+    ready = sum(s.ready for s in services)
+    line = f"{len(services)} service(s), {ready} instance(s) ready"
+    if scaler.errors:
+        line += f"; {len(scaler.errors)} file(s) not loaded: {scaler.errors[0].error}"
+    return line
+
+
+async def _reload(
+    scaler: Scaler, paths: list[str], max_size_limit: int, notifier: Notifier
+) -> None:
+    """SIGHUP: read the service files again and apply what changed."""
+    notifier.send("RELOADING=1\nSTATUS=reloading the service files")
+    log.info("reloading the service files")
+    loaded, errors = load_paths(paths, max_size_limit=max_size_limit)
+    try:
+        results = await scaler.reload(loaded, errors)
+    except Exception:
+        log.exception("reload failed; the running configuration is kept")
+    else:
+        changed = [f"{r.service} {r.action}" for r in results if r.action != "unchanged"]
+        log.info("reloaded: %s", ", ".join(changed) or "nothing changed")
+    notifier.send("READY=1\nSTATUS=" + _status_line(scaler))
 
 
 async def _wait_for_ingress(control: ControlClient, path: str, stop: asyncio.Event) -> bool:

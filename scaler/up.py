@@ -31,16 +31,21 @@ import msgspec
 from ingress.cli import add_common_flags, run_loop, settings_from_args
 from ingress.control import ControlClient, ControlError
 from ingress.paths import state_root
-from ingress.server import Ingress, IngressSettings, print_addresses
+from ingress.server import Ingress, IngressSettings, print_addresses, start_activated
+from ingress.systemd import Notifier, Ticker, start_watchdog
 from ingress.unixsock import ControlSocketError
 from scaler import statuspage
 from scaler.api import ScalerApiServer, default_scaler_socket
-from scaler.daemon import Scaler
+from scaler.daemon import Scaler, check_scope, load_paths
 from scaler.metrics import ScalerCollector
-from scaler.serve import add_log_dir_flag, add_state_dir_flag, log_dir_for
+from scaler.serve import add_log_dir_flag, add_scope_flag, add_state_dir_flag, log_dir_for
 from scaler.spec import ServiceSpec, SpecError, load_service_files
 
-__all__ = ["add_parser", "run"]
+__all__ = ["UP_SCOPE", "add_parser", "run"]
+
+# `tidegate up`'s instances are its own: beside a `tidegate scaler` on the same host (scope
+# "default"), neither adopts or removes the other's
+UP_SCOPE = "up"
 
 log = logging.getLogger("tidegate.up")
 
@@ -57,6 +62,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument("files", nargs="+", metavar="FILE", help="service files (YAML)")
     add_state_dir_flag(parser)
     add_log_dir_flag(parser)
+    add_scope_flag(parser, UP_SCOPE)
     parser.add_argument(
         "--scaler-socket",
         default=None,
@@ -76,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         settings = settings_from_args(args)
+        check_scope(args.scope)
     except ValueError as exc:
         print(f"tidegate up: {exc}", file=sys.stderr)
         return 2
@@ -94,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
                 state_dir=state_dir,
                 scaler_socket=args.scaler_socket,
                 log_dir=log_dir_for(args.log_dir, state_dir),
+                scope=args.scope,
             )
         )
     except (OSError, ValueError, ControlSocketError, ControlError, SpecError) as exc:
@@ -109,6 +117,7 @@ async def up(
     state_dir: Path,
     scaler_socket: str | None = None,
     log_dir: Path | None = None,
+    scope: str = UP_SCOPE,
 ) -> int:
     """Serve ``specs`` (read from ``files``) until SIGTERM/SIGINT; the process runtime keeps
     its records under ``state_dir``. ``scaler_socket`` None: the default path, skipped with
@@ -117,19 +126,25 @@ async def up(
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    notifier = Notifier.from_environ()  # first: no instance may inherit NOTIFY_SOCKET
+    watchdog = start_watchdog(loop, notifier)
+    ticker: Ticker | None = None
+    reloads: set[asyncio.Task[None]] = set()
     with tempfile.TemporaryDirectory(prefix="tidegate-up-") as tmp:
         socket_path = os.path.join(tmp, "ingress.sock")
         settings = msgspec.structs.replace(settings, control_socket=socket_path)
         ingress = Ingress(settings)
         control = ControlClient(socket_path)
-        scaler = Scaler(control, state_dir=state_dir, log_dir=log_dir)
+        scaler = Scaler(control, state_dir=state_dir, log_dir=log_dir, scope=scope)
         ingress.registry.register(ScalerCollector(scaler.controllers))
         api = ScalerApiServer(scaler, scaler_socket or default_scaler_socket())
         started = False
         try:
             # not ready (503 on /-/ready) until the services are put: before that, every
             # request would get a 404
-            await ingress.start(mark_ready=False, admin_routes=statuspage.routes(scaler.status))
+            await start_activated(
+                ingress, mark_ready=False, admin_routes=statuspage.routes(scaler.status)
+            )
             api_path: str | None = api.path
             try:
                 await api.start()
@@ -145,19 +160,58 @@ async def up(
             ingress.set_ready()
             _print_addresses(ingress, specs, api_path)
             log.info("ready (pid %d)", os.getpid())
+            notifier.ready(f"serving {len(specs)} service(s) on {ingress.listening_text()}")
+            ticker = Ticker(loop, 5.0, lambda: notifier.status(ingress.status_text()))
+
+            def reload() -> None:
+                task = loop.create_task(_reload(scaler, files, notifier))
+                reloads.add(task)  # held until done: the loop keeps only weak references
+                task.add_done_callback(reloads.discard)
+
+            loop.add_signal_handler(signal.SIGHUP, reload)
             await stop.wait()
             log.info("draining")
         finally:
             # Stop accepting and let in-flight requests finish, then stop the instances.
+            loop.remove_signal_handler(signal.SIGHUP)
+            for task in list(reloads):
+                task.cancel()
+            await asyncio.gather(*reloads, return_exceptions=True)
+            if ticker is not None:
+                ticker.cancel()
             await api.close()
             scaler.closing()
-            await ingress.drain()
+            await ingress.drain(
+                on_draining=lambda n: notifier.stopping(f"draining {n} connection(s)")
+            )
             if started:
                 await scaler.close(stop_instances=True)
             else:
                 await scaler.close_logs()
             await control.close()
+            if watchdog is not None:
+                watchdog.cancel()  # only now: stopping instances may outlast WatchdogSec
+            notifier.close()
     return 0
+
+
+async def _reload(scaler: Scaler, files: list[str], notifier: Notifier) -> None:
+    """SIGHUP: read the service files again and apply what changed; a bad file is reported
+    and its service keeps running as it was."""
+    notifier.send("RELOADING=1\nSTATUS=reloading the service files")
+    log.info("reloading the service files")
+    loaded, errors = load_paths(files)
+    try:
+        results = await scaler.reload(loaded, errors)
+    except Exception:
+        log.exception("reload failed; the running configuration is kept")
+        results = []
+    changed = [f"{r.service} {r.action}" for r in results if r.action != "unchanged"]
+    log.info("reloaded: %s", ", ".join(changed) or "nothing changed")
+    status = f"{len(scaler.controllers)} service(s)"
+    if scaler.errors:
+        status += f"; not loaded: {scaler.errors[0].error}"
+    notifier.send("READY=1\nSTATUS=" + status)
 
 
 def _print_addresses(ingress: Ingress, specs: list[ServiceSpec], scaler_socket: str | None) -> None:

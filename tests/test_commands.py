@@ -584,3 +584,40 @@ def test_status_watch_usage_and_no_scaler(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr.startswith(f"tidegate status: cannot reach the scaler on {sock}")
+
+
+def poll_report(up: Up, predicate: Callable[[dict[str, Any]], bool], what: str) -> dict[str, Any]:
+    deadline = time.monotonic() + POLL_TIMEOUT
+    while True:
+        report = up.status_json()
+        if predicate(report):
+            return report
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}; last status: {report}")
+
+
+async def test_sighup_keeps_serving_past_a_broken_file_and_applies_a_fixed_one(
+    tmp_path: Path,
+) -> None:
+    """SIGHUP re-reads the service files: a broken one is reported (status errors) and its
+    service goes on as it was; once fixed, the next SIGHUP rolls the change out."""
+    async with tidegate_up(tmp_path) as up:
+        assert (await up.get()).endswith(" v1\n")
+        before = up.service("hello")
+        up.write("hello.yaml", service_text("hello", up.run).replace("max_size: 2", "max_size: 0"))
+        os.kill(up.child.pid, signal.SIGHUP)
+        report = poll_report(up, lambda r: bool(r["errors"]), "the broken file reported")
+        assert "hello.yaml: autoscaling.max_size" in report["errors"][0]["error"], report
+        assert up.service("hello")["revision"] == before["revision"]
+        assert (await up.get()).endswith(" v1\n")
+
+        up.write("hello.yaml", service_text("hello", up.run, version="v2"))
+        os.kill(up.child.pid, signal.SIGHUP)
+        poll_report(
+            up,
+            lambda r: not r["errors"] and r["services"][0]["revision"] != before["revision"],
+            "the fixed file applied",
+        )
+        deadline = time.monotonic() + POLL_TIMEOUT
+        while not (await up.get()).endswith(" v2\n"):  # the new revision takes over
+            assert time.monotonic() < deadline, "v2 never served"

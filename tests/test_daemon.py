@@ -332,3 +332,54 @@ async def test_a_restarted_scaler_keeps_routing_what_was_serving(tmp_path: Path)
         finally:
             await successor.close(stop_instances=True)
             await control.close()
+
+
+async def test_reload_applies_the_paths_and_deletes_only_their_removed_services(
+    tmp_path: Path,
+) -> None:
+    """SIGHUP's reload: services of the paths follow their files; one applied from another
+    file is not the paths' to delete; nothing is deleted while a file fails to load."""
+    async with running_backends(2) as backends, rig(tmp_path, backends, start=False) as r:
+        a = r.file(service_text("alpha", min_size=0, extra="domains: [a.test]\n"), "a.yaml")
+        b = r.file(service_text("beta", min_size=0, extra="domains: [b.test]\n"), "b.yaml")
+        loaded, errors = load_paths([a.path, b.path])
+        await r.scaler.start(loaded, errors)
+        other = r.file(service_text("gamma", min_size=0, extra="domains: [c.test]\n"), "c.yaml")
+        await r.scaler.apply([other])
+
+        broken = r.file("name: [\n", "a.yaml")
+        loaded, errors = load_paths([broken.path])
+        await r.scaler.reload(loaded, errors)
+        assert sorted(r.scaler.controllers) == ["alpha", "beta", "gamma"]  # nothing deleted
+        assert [e.file for e in r.scaler.status().errors] == [broken.path]
+
+        fixed = r.file(
+            service_text("alpha", min_size=0, extra="domains: [a.test]\nenv: {X: '2'}\n"),
+            "a.yaml",
+        )
+        loaded, errors = load_paths([fixed.path])
+        results = await r.scaler.reload(loaded, errors)
+        assert [(x.service, x.action) for x in results] == [("alpha", "replaced")]
+        assert sorted(r.scaler.controllers) == ["alpha", "gamma"]  # beta's file is gone
+        assert r.scaler.status().errors == []
+
+
+async def test_scopes_keep_two_scalers_apart(tmp_path: Path) -> None:
+    """A scaler adopts and removes as orphans only its own scope's instances."""
+    from scaler.daemon import make_runtime
+
+    mine = make_runtime("process", tmp_path, "mine")
+    theirs = make_runtime("process", tmp_path, "theirs")
+    try:
+        assert (tmp_path / "process" / "mine").is_dir()
+        assert (tmp_path / "process" / "theirs").is_dir()
+    finally:
+        await mine.close()
+        await theirs.close()
+    docker = make_runtime("docker", tmp_path, "mine")
+    try:
+        assert docker._scope == {"tidegate.scope": "mine"}  # type: ignore[attr-defined]
+    finally:
+        await docker.close()
+    with pytest.raises(ValueError, match="DNS label"):
+        Scaler(None, state_dir=tmp_path, scope="Not A Label")  # type: ignore[arg-type]

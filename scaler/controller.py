@@ -40,6 +40,7 @@ and each instance's output is collected into its app log from :meth:`Runtime.log
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -65,7 +66,14 @@ from scaler.decide import DecideState, Observed, decide
 from scaler.health import HealthChange, HealthChecker
 from scaler.lifecycle import Event, InstanceState, transition
 from scaler.logs import ServiceLogs
-from scaler.messages import ApplyAction, InstanceStatus, ServiceState, ServiceStatus
+from scaler.messages import (
+    ApplyAction,
+    ColdStart,
+    InstanceStatus,
+    ScaleEvent,
+    ServiceState,
+    ServiceStatus,
+)
 from scaler.runtime import InstanceInfo, LaunchError, LaunchSpec, Runtime, RuntimeEvent
 from scaler.spec import AutoscalingSpec, ServiceSpec, SpecError, resolve_secrets, routing_for
 from scaler.usage import Usage
@@ -86,6 +94,7 @@ _log = logging.getLogger("tidegate.scaler")
 BACKOFF_FIRST = 1.0  # seconds before the start after a first failed one
 BACKOFF_CAP = 60.0  # seconds at most between start attempts
 STOP_GRACE = 10.0  # seconds between SIGTERM and kill when an instance is stopped
+_RECENT = 10  # scale events and cold starts status shows
 AUDIT_INTERVAL = 10.0  # seconds between comparisons with the runtime's own list
 OUTPUT_DRAIN = 2.0  # seconds stop() waits for the stopped instances' last output
 _RESUBSCRIBE_DELAY = 1.0  # seconds before subscribing again after the ingress ended it
@@ -178,6 +187,14 @@ class ServiceController:
         self._last_stats: ServiceStats | None = None
         self.usage = Usage()
         self.cold_starts = Histogram()  # seconds from a request held at zero to ready
+        # the last few, newest first, for status: (clock, direction, from, to, reason) and
+        # (clock, seconds)
+        self._recent_scales: collections.deque[tuple[float, str, int, int, str]] = (
+            collections.deque(maxlen=_RECENT)
+        )
+        self._recent_cold_starts: collections.deque[tuple[float, float]] = collections.deque(
+            maxlen=_RECENT
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         self._collectors: set[asyncio.Task[None]] = set()  # one per instance: its output
         self._leaving = False  # detached: the instances and their cursors stay for the next
@@ -387,6 +404,20 @@ class ServiceController:
             scale_events=dict(self._scale_events),
             active_instance_seconds=self.usage.active_seconds,
             idle_instance_seconds=self.usage.idle_seconds,
+            recent_scale_events=[
+                ScaleEvent(
+                    ago_seconds=max(0.0, now - at),
+                    direction=direction,  # type: ignore[arg-type]
+                    from_desired=before,
+                    to_desired=after,
+                    reason=reason,
+                )
+                for at, direction, before, after, reason in self._recent_scales
+            ],
+            recent_cold_starts=[
+                ColdStart(ago_seconds=max(0.0, now - at), seconds=took)
+                for at, took in self._recent_cold_starts
+            ],
             instances=[
                 InstanceStatus(
                     id=i.id,
@@ -577,6 +608,7 @@ class ServiceController:
             return
         direction = "up" if desired > self._desired else "down"
         self._scale_events[direction] += 1
+        self._recent_scales.appendleft((self._clock(), direction, self._desired, desired, reason))
         numbers: dict[str, Any] = {
             "direction": direction,
             "desired_from": self._desired,
@@ -835,6 +867,7 @@ class ServiceController:
             if self._cold_start_at is not None:
                 self._last_cold_start = self._clock() - self._cold_start_at
                 self.cold_starts.observe(self._last_cold_start)
+                self._recent_cold_starts.appendleft((self._clock(), self._last_cold_start))
                 self._cold_start_at = None
                 cold["cold_start_seconds"] = self._last_cold_start
             self._record(

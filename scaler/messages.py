@@ -25,8 +25,10 @@ __all__ = [
     "ApplyRequest",
     "ApplyResponse",
     "ApplyResult",
+    "ColdStart",
     "FileError",
     "InstanceStatus",
+    "ScaleEvent",
     "ServiceState",
     "ServiceStatus",
     "StatusReport",
@@ -45,6 +47,21 @@ class InstanceStatus(msgspec.Struct, frozen=True, kw_only=True):
     inflight: int  # requests the ingress has on it right now
     current: bool  # of the service's current revision (False: being replaced)
     age_seconds: float  # since its start was asked for (or it was adopted)
+
+
+class ScaleEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """A change of the desired count."""
+
+    ago_seconds: float
+    direction: Literal["up", "down"]
+    from_desired: int
+    to_desired: int
+    reason: str  # decide()'s reason, with its numbers
+
+
+class ColdStart(msgspec.Struct, frozen=True, kw_only=True):
+    ago_seconds: float
+    seconds: float  # a request held at zero to the first instance ready
 
 
 class ServiceStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -73,6 +90,8 @@ class ServiceStatus(msgspec.Struct, frozen=True, kw_only=True):
     scale_events: dict[str, int]  # direction ("up", "down") -> count
     active_instance_seconds: float
     idle_instance_seconds: float
+    recent_scale_events: list[ScaleEvent] = []  # newest first, the last 10
+    recent_cold_starts: list[ColdStart] = []  # newest first, the last 10
     instances: list[InstanceStatus] = []
 
 

@@ -383,3 +383,20 @@ async def test_scopes_keep_two_scalers_apart(tmp_path: Path) -> None:
         await docker.close()
     with pytest.raises(ValueError, match="DNS label"):
         Scaler(None, state_dir=tmp_path, scope="Not A Label")  # type: ignore[arg-type]
+
+
+async def test_status_keeps_the_recent_scale_events_and_cold_starts(tmp_path: Path) -> None:
+    async with running_backends(1) as backends, rig(tmp_path, backends) as r:
+        await r.scaler.apply([r.file(service_text(min_size=0))])
+        assert r.status().recent_cold_starts == []
+        assert await r.get() == 200  # a cold start
+        status = r.status()
+        (cold,) = status.recent_cold_starts
+        assert cold.seconds == status.last_cold_start_seconds
+        assert [
+            (e.direction, e.from_desired, e.to_desired) for e in status.recent_scale_events
+        ] == [("up", 0, 1)]
+        assert "cold start" in status.recent_scale_events[0].reason
+        r.scaler.pause("svc")
+        newest = r.status().recent_scale_events[0]
+        assert (newest.direction, newest.to_desired, newest.reason) == ("down", 0, "paused")

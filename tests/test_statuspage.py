@@ -22,7 +22,14 @@ import prometheus_client
 import pytest
 
 from ingress.admin import AdminServer
-from scaler.messages import FileError, InstanceStatus, ServiceStatus, StatusReport
+from scaler.messages import (
+    ColdStart,
+    FileError,
+    InstanceStatus,
+    ScaleEvent,
+    ServiceStatus,
+    StatusReport,
+)
 from scaler.statuspage import REFRESH_SECONDS, handler, render, routes, utc_text
 from tests.procs import (
     REPO,
@@ -191,32 +198,11 @@ def test_render_escapes_everything_from_the_report() -> None:
     assert evil in text_of(page)
 
 
-class ScaleEvent(msgspec.Struct, frozen=True, kw_only=True):
-    ago_seconds: float
-    direction: str
-    from_desired: int
-    to_desired: int
-    reason: str
-
-
-class ColdStart(msgspec.Struct, frozen=True, kw_only=True):
-    ago_seconds: float
-    seconds: float
-
-
-class FutureServiceStatus(ServiceStatus, frozen=True, kw_only=True):
-    """ServiceStatus with the short histories proposed for the controller."""
-
-    recent_scale_events: list[ScaleEvent] = []
-    recent_cold_starts: list[ColdStart] = []
-
-
 def test_render_lists_recent_history_when_the_status_has_it() -> None:
-    """Recent scale events and cold starts are listed if the status carries them, and
-    their absence (today's ServiceStatus) leaves the sections out."""
-    fields = {f: getattr(service(), f) for f in ServiceStatus.__struct_fields__}
-    richer = FutureServiceStatus(
-        **fields,
+    """Recent scale events and cold starts are listed when there are some; none leaves the
+    sections out."""
+    richer = msgspec.structs.replace(
+        service(),
         recent_scale_events=[
             ScaleEvent(
                 ago_seconds=5.0, direction="up", from_desired=1, to_desired=2, reason="<panic>"

@@ -341,6 +341,11 @@ def _detail(s: ServiceStatus) -> list[str]:
         lines.append(
             f"  {s.start_failures} failed start(s) in a row; next start in {s.retry_in:.1f}s"
         )
+    for event in s.recent_scale_events[:5]:
+        lines.append(
+            f"  {event.ago_seconds:.0f}s ago: scaled {event.direction} "
+            f"{event.from_desired} -> {event.to_desired}: {event.reason}"
+        )
     for inst in s.instances:
         old = "" if inst.current else "  (previous revision)"
         lines.append(

@@ -271,6 +271,7 @@ async def test_status_idle_then_running_with_detail(tmp_path: Path) -> None:
         assert "routes: the default route" in detail
         assert "size: min 0, max 2, 2 requests per instance" in detail
         assert "scale events: 1 up, 0 down" in detail
+        assert re.search(r"\d+s ago: scaled up 0 -> 1: cold start", detail), detail
         assert re.search(rf"instance {instance}  ready  {inst['address']}  0 in flight", detail)
 
         result = up.cli("status", "nope")

@@ -16,7 +16,7 @@ Three layers, so the rules are tested with a fake clock and the I/O with real so
 The rules (the policy is the service file's ``health_check``, contract section 1):
 
 - An instance becomes healthy after ``healthy_threshold`` successes in a row.
-- Until it has been healthy once, it is probed every :data:`FAST_PROBE_INTERVAL` (15 ms)
+- Until it has been healthy once, it is probed every :data:`FAST_PROBE_INTERVAL` (10 ms)
   rather than every ``interval``, so it is ready within milliseconds of listening and a cold
   start costs the app's own start time, not up to an interval more. A refused connection on
   the loopback costs a few microseconds, so this is cheap. Never-healthy instances are not
@@ -58,10 +58,10 @@ __all__ = [
     "probe",
 ]
 
-FAST_PROBE_INTERVAL = 0.015  # seconds between probes until first healthy (10 to 20 ms asked)
+FAST_PROBE_INTERVAL = 0.010  # seconds between probes until first healthy (10 to 20 ms asked)
 # seconds an accepted probe connection must stay open: a proxy in front of a port nobody
 # listens on closes it within a millisecond; waiting longer only delays every cold start
-TCP_SETTLE = 0.005
+TCP_SETTLE = 0.002
 DEFAULT_START_TIMEOUT = 60.0  # seconds an instance may take to become healthy the first time
 _USER_AGENT = "tidegate-health-check"
 

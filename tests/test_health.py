@@ -34,7 +34,7 @@ T0 = 1000.0  # the fake monotonic clock's start
 HEALTHY = HealthChange.HEALTHY
 UNHEALTHY = HealthChange.UNHEALTHY
 START_TIMEOUT = HealthChange.START_TIMEOUT
-READY_BOUND = 0.2  # seconds from listening to the HEALTHY callback; ~15 ms expected
+READY_BOUND = 0.2  # seconds from listening to the HEALTHY callback; ~10 ms expected
 
 
 def policy(**fields: object) -> HealthCheckSpec:
@@ -90,7 +90,7 @@ def test_tracker_thresholds(
 
 
 def test_tracker_probes_fast_until_healthy_then_every_interval() -> None:
-    """Before the first healthy change probes are 15 ms apart; after it, `interval` apart."""
+    """Before the first healthy change probes are 10 ms apart; after it, `interval` apart."""
     tracker = HealthTracker(policy(interval=5.0, healthy_threshold=2), T0)
     assert tracker.next_probe_at(T0) == T0  # the first probe is due at once
     assert tracker.record(False, T0 + 0.001) is None
@@ -434,7 +434,7 @@ async def scripted() -> AsyncIterator[tuple[HealthChecker, FakeTime, ScriptedPro
 async def test_checker_probes_fast_then_every_interval(
     scripted: tuple[HealthChecker, FakeTime, ScriptedProbe],
 ) -> None:
-    """The task probes at once, then 15 ms after each failure, then `interval` after healthy."""
+    """The task probes at once, then 10 ms after each failure, then `interval` after healthy."""
     checker, time, scripted_probe = scripted
     changes: list[Change] = []
     checker.watch("i-1", "127.0.0.1:1", policy(interval=5.0), lambda *c: changes.append(c))
@@ -478,11 +478,11 @@ async def test_checker_stops_watching_after_start_timeout() -> None:
     done = asyncio.get_running_loop().create_future()
     checker.watch("i-1", "127.0.0.1:1", policy(), lambda *c: done.set_result(c))
     try:
-        for _ in range(4):  # T0, +16 ms, +32 ms, +48 ms: all before the deadline
+        for _ in range(5):  # T0, +11, +22, +33, +44 ms: all before the deadline
             await scripted_probe.next_call()
             scripted_probe.answer(False)
         await scripted_probe.next_call()
-        scripted_probe.answer(False)  # finishes at +65 ms, past the deadline
+        scripted_probe.answer(False)  # finishes at +56 ms, past the deadline
         assert await asyncio.wait_for(done, 5) == ("i-1", START_TIMEOUT, "connection refused")
         await asyncio.wait_for(_task_end(checker, "i-1"), 5)
         assert checker.watched() == frozenset()
@@ -502,9 +502,9 @@ async def test_checker_takes_the_start_timeout_from_the_service_file() -> None:
         await scripted_probe.next_call()
         scripted_probe.answer(False)  # T0: before the deadline
         await scripted_probe.next_call()
-        scripted_probe.answer(False)  # +16 ms
+        scripted_probe.answer(False)  # +11 ms
         await scripted_probe.next_call()
-        scripted_probe.answer(False)  # +32 ms: past it
+        scripted_probe.answer(False)  # +22 ms: past it
         assert await asyncio.wait_for(done, 5) == ("i-1", START_TIMEOUT, "connection refused")
     finally:
         await checker.close()

@@ -210,13 +210,6 @@ class DockerRuntime:
         if spec.image is None:
             raise LaunchError(f"instance {spec.instance_id}: the docker runtime needs an image")
         client = self._docker()
-        try:
-            client.images.get(spec.image)
-        except docker.errors.ImageNotFound:
-            raise LaunchError(
-                f"image {spec.image} not found locally (tidegate does not pull it here: "
-                "build or pull it first)"
-            ) from None
         if spec.network_mode == "host" and spec.networks:
             raise LaunchError(
                 f"instance {spec.instance_id}: extra networks {', '.join(spec.networks)} "
@@ -233,7 +226,14 @@ class DockerRuntime:
 
         kwargs = _create_kwargs(spec, self._scope)
         try:
+            # create never pulls (only the SDK's run() does), and says so when the image is
+            # missing: no separate look-up, which would cost every cold start an engine call
             container = client.containers.create(spec.image, **kwargs)
+        except docker.errors.ImageNotFound:
+            raise LaunchError(
+                f"image {spec.image} not found locally (tidegate does not pull it here: "
+                "build or pull it first)"
+            ) from None
         except docker.errors.APIError as exc:
             raise LaunchError(
                 f"instance {spec.instance_id}: cannot create its container: {_why(exc)}"

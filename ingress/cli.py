@@ -14,6 +14,7 @@ from ingress.messages import InstanceSpec, ServiceRouting, parse_address
 from ingress.paths import runtime_root
 from ingress.server import IngressSettings, serve, split_listen
 from ingress.units import parse_duration, parse_size
+from tidegate.config import ConfigError, add_config_flag, apply_config
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
@@ -22,14 +23,16 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
         "--listen",
         action="append",
         metavar="ADDR",
-        help="plain HTTP listener host:port, repeatable (default 127.0.0.1:8080)",
+        help="plain HTTP listener host:port, repeatable (default 127.0.0.1:8080); not used "
+        "when systemd passes sockets (socket activation)",
     )
     parser.add_argument(
         "--tls-listen",
         action="append",
         default=[],
         metavar="ADDR",
-        help="HTTPS listener host:port, repeatable",
+        help="HTTPS listener host:port, repeatable; under socket activation, the sockets "
+        "named 'https' instead",
     )
     parser.add_argument(
         "--tls-cert",
@@ -148,6 +151,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         metavar="SIZE",
         help="static mode: request body limit, 413 past it (default none)",
     )
+    add_config_flag(parser, example="/etc/tidegate/ingress.yaml")  # after every other flag
     parser.set_defaults(func=run)
 
 
@@ -219,6 +223,11 @@ def default_control_socket() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        args = apply_config(args)
+    except ConfigError as exc:
+        print(f"tidegate ingress: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -32,6 +32,7 @@ from scaler.api import ScalerApiServer, default_scaler_socket
 from scaler.daemon import DEFAULT_SCOPE, Scaler, check_scope, load_paths
 from scaler.metrics import ScalerCollector
 from scaler.spec import MAX_SIZE_LIMIT
+from tidegate.config import ConfigError, add_config_flag, apply_config
 
 __all__ = ["add_log_dir_flag", "add_parser", "add_state_dir_flag", "log_dir_for", "run"]
 
@@ -128,10 +129,16 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     add_log_dir_flag(parser)
     add_scope_flag(parser, DEFAULT_SCOPE)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    add_config_flag(parser, example="/etc/tidegate/scaler.yaml")  # after every other flag
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        args = apply_config(args)
+    except ConfigError as exc:
+        print(f"tidegate scaler: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -1,6 +1,8 @@
 # Sourced by tests/run.sh and examples/demo.sh: installs what tidegate needs, idempotently.
 #   - a virtual environment in .venv with tidegate and its test extras
-#   - when root and missing: Debian's docker.io, busybox-static and prometheus, and a running dockerd
+#   - when root and missing: Debian's docker.io, busybox-static, prometheus and systemd (for
+#     systemd-analyze, which checks the units in systemd/; a container image may lack it), and
+#     a running dockerd
 # Safe to run again: each step checks before it acts.
 
 tg_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -46,6 +48,7 @@ tg_setup_system() {
     command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
     dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
     command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+    command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
     [ ${#missing[@]} -eq 0 ] || tg_apt_install "${missing[@]}"
     tg_start_dockerd
 }

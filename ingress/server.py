@@ -90,6 +90,7 @@ class Ingress:
         self.control: ControlServer | None = None
         self._ready = False
         self._housekeeping: asyncio.TimerHandle | None = None
+        self._tls_front: ssl.SSLContext | None = None  # the listeners' context, for reloads
 
     def ready(self) -> bool:
         return self._ready
@@ -183,12 +184,30 @@ class Ingress:
             f"{inflight} request(s) in flight, {queued} queued"
         )
 
+    def reload_tls(self) -> bool:
+        """Read the certificate files again (after a renewal), for new handshakes; False when
+        there are none to read. A bad file raises TLSConfigError and changes nothing.
+
+        The listeners keep their context object; it takes the new default pair and the new
+        SNI table, so a reload needs no new listener and drops no connection."""
+        from ingress import tls
+
+        front = self._tls_front
+        pairs = self.settings.tls_certs
+        if front is None or not pairs:
+            return False
+        fresh = tls.server_context(pairs)  # checks every pair before anything changes
+        front.load_cert_chain(*pairs[0])
+        front.sni_callback = fresh.sni_callback
+        return True
+
     def _tls_context(self) -> ssl.SSLContext | None:
         from ingress import tls
 
         settings = self.settings
         if settings.tls_certs:
-            return tls.server_context(settings.tls_certs)
+            self._tls_front = tls.server_context(settings.tls_certs)
+            return self._tls_front
         if settings.tls_self_signed:
             state = (
                 Path(settings.tls_state_dir) if settings.tls_state_dir else tls.default_state_dir()
@@ -315,7 +334,23 @@ async def serve(settings: IngressSettings, routings: list[ServiceRouting]) -> in
             services = len(ingress.router.all_services())
             notifier.ready(f"serving {services} service(s) on {ingress.listening_text()}")
             status = Ticker(loop, STATUS_INTERVAL, lambda: notifier.status(ingress.status_text()))
+
+        def reload() -> None:
+            # SIGHUP: the certificates (renewed in place); every other setting is read at
+            # start, and the routes come from the scaler
+            notifier.send("RELOADING=1\nSTATUS=reloading the certificates")
+            try:
+                if ingress.reload_tls():
+                    log.info("reloaded the TLS certificates")
+                else:
+                    log.info("SIGHUP: no certificate files to reload")
+            except ValueError as exc:  # TLSConfigError: keep serving the old ones
+                log.error("reloading the TLS certificates failed, keeping the old: %s", exc)
+            notifier.send("READY=1\nSTATUS=" + ingress.status_text())
+
+        loop.add_signal_handler(signal.SIGHUP, reload)
         await stop.wait()
+        loop.remove_signal_handler(signal.SIGHUP)
         log.info("draining")
         await ingress.drain(
             on_draining=lambda busy: notifier.stopping(f"draining {busy} connection(s)")

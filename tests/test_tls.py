@@ -468,3 +468,54 @@ def test_default_state_dir(
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setattr(os, "geteuid", lambda: euid)
     assert default_state_dir() == Path(expected.replace("HOME", str(tmp_path)))
+
+
+# ---------------------------------------------------------------------------------------------
+# reload (SIGHUP): renewed certificates, same listener
+# ---------------------------------------------------------------------------------------------
+
+
+async def _peer_der(port: int, client_ctx: ssl.SSLContext, server_name: str | None) -> bytes:
+    _reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=client_ctx, server_hostname=server_name
+    )
+    try:
+        der: bytes = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        return der
+    finally:
+        writer.close()
+
+
+async def test_reload_serves_renewed_certificates_on_the_same_listener(
+    ca: trustme.CA, tmp_path: Path, client_ctx: ssl.SSLContext
+) -> None:
+    from ingress.server import Ingress, IngressSettings
+
+    first = _write_pair(tmp_path, "site", ca.issue_cert("site.example.com"))
+    other = _write_pair(tmp_path, "other", ca.issue_cert("other.example.com"))
+    ingress = Ingress(
+        IngressSettings(
+            listen=[],
+            tls_listen=["127.0.0.1:0"],
+            tls_certs=[(str(first.cert), str(first.key)), (str(other.cert), str(other.key))],
+            metrics_listen=None,
+        )
+    )
+    try:
+        await ingress.start()
+        port = ingress.https_addresses[0][1]
+        assert await _peer_der(port, client_ctx, "site.example.com") == first.der
+        renewed = _write_pair(tmp_path, "site", ca.issue_cert("site.example.com"))  # in place
+        renewed_other = _write_pair(tmp_path, "other", ca.issue_cert("other.example.com"))
+        assert renewed.der != first.der
+        assert await _peer_der(port, client_ctx, "site.example.com") == first.der  # not yet
+        assert ingress.reload_tls()
+        assert await _peer_der(port, client_ctx, "site.example.com") == renewed.der
+        assert await _peer_der(port, client_ctx, None) == renewed.der  # the default pair
+        assert await _peer_der(port, client_ctx, "other.example.com") == renewed_other.der
+        first.key.write_text("not a key")
+        with pytest.raises(TLSConfigError):
+            ingress.reload_tls()
+        assert await _peer_der(port, client_ctx, "site.example.com") == renewed.der  # kept
+    finally:
+        await ingress.close()

@@ -114,6 +114,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "else /run/tidegate/ingress.sock)",
     )
     parser.add_argument(
+        "--routes-file",
+        metavar="PATH",
+        help="keep the routing table the scaler put in this file and load it at start, so a "
+        "restarted ingress routes at once instead of answering 404 until the scaler puts it "
+        "again (default: not kept)",
+    )
+    parser.add_argument(
         "--static-upstream",
         action="append",
         default=[],
@@ -172,6 +179,7 @@ def settings_from_args(args: argparse.Namespace) -> IngressSettings:
             except ValueError as exc:
                 raise ValueError(f"{flag}: {exc}") from None
     control = getattr(args, "control_socket", None)
+    routes_file = getattr(args, "routes_file", None)
     return IngressSettings(
         listen=args.listen or ["127.0.0.1:8080"],
         tls_listen=args.tls_listen,
@@ -187,6 +195,7 @@ def settings_from_args(args: argparse.Namespace) -> IngressSettings:
         max_head_bytes=parse_size(args.max_head_size),
         upstream_idle_timeout=parse_duration(args.upstream_idle_timeout),
         access_log=None if args.no_access_log else args.access_log,
+        routes_file=routes_file,
     )
 
 

@@ -197,6 +197,8 @@ class Router:
         self._by_host: dict[bytes, Service] = {}
         self._default: Service | None = None
         self._listeners: list[Callable[[Event], None]] = []
+        # called after each change of the table through the control API (the route store)
+        self.on_change: Callable[[list[ServiceRouting]], None] | None = None
         # responses to requests no service matched (404s, malformed requests), by class
         self.unrouted = [0, 0, 0, 0, 0, 0]
 
@@ -233,6 +235,7 @@ class Router:
             service.update(routing)
         self._reindex()
         service.set_instances(list(routing.instances))
+        self._changed()
         return service.stats()
 
     def put_instances(self, name: str, instances: list[InstanceSpec]) -> ServiceStats:
@@ -240,12 +243,18 @@ class Router:
         _validate_instances(instances)
         service.set_instances(instances)
         service.routing = _with_instances(service.routing, instances)
+        self._changed()
         return service.stats()
 
     def delete_service(self, name: str) -> None:
         service = self._services.pop(name)  # KeyError -> 404
         self._reindex()
         service.close()
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self.services())
 
     def services(self) -> list[ServiceRouting]:
         return [s.routing for s in self._services.values()]

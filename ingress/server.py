@@ -30,6 +30,7 @@ from ingress.messages import ServiceRouting, parse_address
 from ingress.metrics import IngressCollector
 from ingress.proxy import ClientConnection, ProxyContext
 from ingress.router import Router
+from ingress.routestore import RouteStore
 from ingress.systemd import Notifier, Ticker, activated_listeners, start_watchdog
 from ingress.timers import TimerWheel
 
@@ -47,6 +48,7 @@ class IngressSettings(msgspec.Struct, frozen=True, kw_only=True):
     tls_hostnames: list[str] = msgspec.field(default_factory=lambda: ["localhost"])
     metrics_listen: str | None = "127.0.0.1:9464"  # /metrics, /-/healthy, /-/ready
     control_socket: str | None = None  # unix socket of the control API (None: not served)
+    routes_file: str | None = None  # the routing table kept here across restarts (None: not)
     keepalive_timeout: float = 60.0  # idle client connection (nginx: 75 s)
     head_timeout: float = 30.0  # a started request head must complete (nginx: 60 s)
     drain_timeout: float = 30.0  # on shutdown, for in-flight requests to finish
@@ -91,6 +93,7 @@ class Ingress:
         self._ready = False
         self._housekeeping: asyncio.TimerHandle | None = None
         self._tls_front: ssl.SSLContext | None = None  # the listeners' context, for reloads
+        self._routes: RouteStore | None = None
 
     def ready(self) -> bool:
         return self._ready
@@ -146,6 +149,18 @@ class Ingress:
             )
             self._servers.append(server)
             self.https_addresses.append(sock.getsockname()[:2])
+        if settings.routes_file:
+            # before the control socket opens: the scaler's first put must win over these
+            self._routes = RouteStore(settings.routes_file)
+            for routing in self._routes.load():
+                try:
+                    self.router.put_service(routing)
+                except ValueError as exc:
+                    log.warning("skipping saved route %s: %s", routing.name, exc)
+            restored = len(self.router.all_services())
+            if restored:
+                log.info("restored %d service(s) from %s", restored, settings.routes_file)
+            self.router.on_change = self._routes.save_soon
         if settings.control_socket:
             self.control = ControlServer(self.router, settings.control_socket)
             await self.control.start()
@@ -269,6 +284,9 @@ class Ingress:
         if self.control is not None:
             await self.control.close()
             self.control = None
+        if self._routes is not None:
+            self.router.on_change = None  # closing empties the table: that is not news
+            self._routes.flush()
         self.router.close()
         self.wheel.close()
         if self.admin is not None:

@@ -97,7 +97,11 @@ STOP_GRACE = 10.0  # seconds between SIGTERM and kill when an instance is stoppe
 _RECENT = 10  # scale events and cold starts status shows
 AUDIT_INTERVAL = 10.0  # seconds between comparisons with the runtime's own list
 OUTPUT_DRAIN = 2.0  # seconds stop() waits for the stopped instances' last output
-_RESUBSCRIBE_DELAY = 1.0  # seconds before subscribing again after the ingress ended it
+# seconds before subscribing again after the subscription broke: at once-ish (a restarted
+# ingress is back in tens of milliseconds and knows nothing until resynced), doubling up to
+# _RESUBSCRIBE_DELAY while it stays away
+_RESUBSCRIBE_FIRST = 0.02
+_RESUBSCRIBE_DELAY = 1.0
 
 _S = InstanceState
 
@@ -1070,6 +1074,7 @@ async def dispatch_control_events(
     a restarted ingress knows nothing, and a service at zero instances would otherwise not be
     routed (404) until it next changed."""
     resubscribed = False
+    delay = 0.0
     while True:
         try:
             async for event in control.subscribe():
@@ -1097,9 +1102,14 @@ async def dispatch_control_events(
         except ControlError as exc:
             if closing is not None and closing.is_set():
                 return
-            _log.warning("control subscription ended: %s; subscribing again", exc)
+            if not resubscribed:
+                _log.warning("control subscription ended: %s; subscribing again", exc)
+        if resubscribed:
+            delay = min(resubscribe_delay, delay * 2)
+        else:
+            delay = min(resubscribe_delay, _RESUBSCRIBE_FIRST)
         resubscribed = True
-        await asyncio.sleep(resubscribe_delay)
+        await asyncio.sleep(delay)
 
 
 async def dispatch_runtime_events(

@@ -622,3 +622,24 @@ async def test_sighup_keeps_serving_past_a_broken_file_and_applies_a_fixed_one(
         deadline = time.monotonic() + POLL_TIMEOUT
         while not (await up.get()).endswith(" v2\n"):  # the new revision takes over
             assert time.monotonic() < deadline, "v2 never served"
+
+
+async def test_a_cold_start_shows_in_server_timing(tmp_path: Path) -> None:
+    """The first request to a service at zero waits for an instance: its Server-Timing says
+    how long, next to the cold start status reports; the next request waits for nothing."""
+    async with tidegate_up(tmp_path) as up:
+        timings = []
+        async with aiohttp.ClientSession(timeout=REQUEST_TIMEOUT) as session:
+            for _ in range(2):
+                async with session.get(up.child.url("/")) as response:
+                    assert response.status == 200
+                    timings.append(response.headers["Server-Timing"])
+        waits = []
+        for timing in timings:
+            match = re.fullmatch(r"queue;dur=([\d.]+), upstream;dur=([\d.]+)", timing)
+            assert match is not None, timing
+            waits.append(float(match.group(1)))
+        cold = up.service("hello")["last_cold_start_seconds"]
+        assert waits[0] > 10.0  # a process start: tens of milliseconds at least
+        assert waits[0] >= cold * 1000 - 5.0  # held at least as long as the instance took
+        assert waits[1] < 5.0

@@ -1,7 +1,7 @@
 """`python -m bench <benchmark>`: tidegate's benchmarks.
 
 Each benchmark is a module with `add_arguments(parser)` and `main(args) -> int`, registered in
-`_BENCHMARKS`; adding `coldstart`, `scaleout` or an `all` that runs the others is one entry.
+`_BENCHMARKS`; `all` (bench/all.py) runs the others one after the other.
 
 Exit status: 0 when the run completed and every SLO gate given passed, 1 when a gate was
 missed, 2 when the benchmark could not run (a tool missing, a server that failed to start,
@@ -17,12 +17,15 @@ import sys
 from collections.abc import Callable, Sequence
 from types import FrameType, ModuleType
 
-from bench import coldstart, install, procs, proxy, wrk
+from bench import all as all_
+from bench import coldstart, install, procs, proxy, scaleout, wrk
 
 # name -> (module, one-line help); the module provides add_arguments and main.
 _BENCHMARKS: dict[str, tuple[ModuleType, str]] = {
     "proxy": (proxy, "ingress throughput and latency next to nginx and HAProxy"),
     "coldstart": (coldstart, "what tidegate adds to a cold start, next to a bare container"),
+    "scaleout": (scaleout, "a step and a ramp load from idle: errors, latency, instances, queue"),
+    "all": (all_, "proxy, coldstart and scaleout in one go, with a summary"),
 }
 
 

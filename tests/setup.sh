@@ -1,5 +1,5 @@
 # Sourced by tests/run.sh and examples/demo.sh: installs what tidegate needs, idempotently.
-#   - a virtual environment in .venv with tidegate and its test extras
+#   - a virtual environment in .venv with tidegate and its test extras (and bench's with test)
 #   - when root and missing: Debian's docker.io, busybox-static, prometheus and systemd (for
 #     systemd-analyze, which checks the units in systemd/; a container image may lack it), and
 #     a running dockerd
@@ -26,6 +26,11 @@ tg_apt_install() {
 
 tg_setup_venv() {
     local extras=${1:-test}
+    # the tests cover the benchmarks' plots and locust file too: the bench extra comes with test
+    case ",$extras," in
+        *,bench,*) ;;
+        *,test,*) extras="$extras,bench" ;;
+    esac
     cd "$tg_root"
     if [ ! -x .venv/bin/python ]; then
         tg_log "creating .venv"

@@ -11,6 +11,6 @@ echo
 echo "  tidegate demo: open http://127.0.0.1:${port}/  (Ctrl-C drains and stops everything)"
 echo "  the first request cold-starts an instance; a burst scales out:"
 echo "    for i in \$(seq 8); do curl -s http://127.0.0.1:${port}/slow & done; wait"
-echo "  after 10 s without requests it scales back to zero"
+echo "  10 s after the last request it is back to zero (60 s after a burst that doubled the load)"
 echo
 exec .venv/bin/tidegate up --listen "127.0.0.1:${port}" examples/hello/hello.yaml

@@ -101,12 +101,13 @@ async def test_a_stalled_destination_drops_records_instead_of_blocking(tmp_path:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # so opening it to write cannot block
-    log = AccessLog(str(fifo), flush_interval=10.0, batch_size=1, max_pending=2)
+    log = AccessLog(str(fifo), flush_interval=10.0, max_pending=2)
     log.start()
     try:
         big = raw(path=b"/" + b"x" * 70_000)  # one record is more than the pipe holds
         for _ in range(10):
             log.record(big)
+            log.flush()  # each one handed over at once
         assert log.dropped > 0
         assert log.written + log.dropped == 10
     finally:

@@ -92,10 +92,26 @@ class _Clock:
         return b"%s.%03dZ" % (self._prefix, int((seconds - whole) * 1000))
 
 
+def _names(cache: dict[object, bytes], value: str | bytes) -> bytes:
+    """A host, service or instance name as JSON (null when empty), from ``cache``: a batch
+    names few of them, many times."""
+    text = cache.get(value)
+    if text is None:
+        if not value:
+            text = b"null"
+        elif isinstance(value, bytes):
+            text = _text(value)
+        else:
+            text = _encode(value)
+        cache[value] = text
+    return text
+
+
 def format_batch(batch: list[Raw], wall_offset: float) -> bytes:
     """JSON lines for ``batch``; ``wall_offset`` turns the monotonic clock into epoch seconds."""
     clock = _Clock()
     null = b"null"
+    cache: dict[object, bytes] = {}
     return b"".join(
         [
             _LINE
@@ -106,9 +122,9 @@ def format_batch(batch: list[Raw], wall_offset: float) -> bytes:
                 client,
                 method,
                 _text(path),
-                _text(host),
-                _encode(service) if service else null,
-                _encode(instance) if instance else null,
+                _names(cache, host),
+                _names(cache, service),
+                _names(cache, instance),
                 status,
                 bytes_in,
                 bytes_out,

@@ -392,7 +392,80 @@ class DockerRuntime:
             self._streams.discard(follower)
 
 
-class _LogFollower:
+class _Follower:
+    """An engine stream followed in a thread of its own, handed to the loop: the plumbing the
+    event and log streams share. :meth:`close` shuts the stream's socket so a blocked read
+    returns; a stream that breaks is followed again with a doubling back-off.
+
+    Subclasses set ``_client``/``_stream`` under ``_lock`` while they follow (so close() can
+    reach them) and implement :meth:`_follow_once`, :meth:`_describe` and :meth:`_finish`."""
+
+    def __init__(self, client_factory: Callable[[], Any], thread_name: str) -> None:
+        self._client_factory = client_factory
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._client: Any = None
+        self._stream: Any = None
+        self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop following: shut the stream's socket so a blocked read returns. Never blocks."""
+        with self._lock:
+            self._stopping.set()
+            stream, client = self._stream, self._client
+        if stream is not None:
+            try:
+                stream.close()
+            except Exception:  # already closed, or the socket is gone: either way it ends
+                log.debug("closing %s", self._describe(), exc_info=True)
+        if client is not None:
+            client.close()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def _follow_once(self) -> bool | None:
+        """Follow the stream until it ends: True to follow again soon (it worked), False to
+        follow again after the back-off, None when there is nothing more to follow."""
+        raise NotImplementedError
+
+    def _describe(self) -> str:
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        """In the thread, once it stops following."""
+
+    def _run(self) -> None:
+        delay = _RECONNECT_MIN
+        try:
+            while not self._stopping.is_set():
+                try:
+                    again = self._follow_once()
+                    if again is None:
+                        break
+                    if again:
+                        delay = _RECONNECT_MIN  # it had worked: start the back-off over
+                except Exception as exc:
+                    if self._stopping.is_set():
+                        break
+                    log.warning(
+                        "following %s failed (%s); retrying in %.1fs", self._describe(), exc, delay
+                    )
+                if self._stopping.wait(delay):
+                    break
+                delay = min(delay * 2, _RECONNECT_MAX)
+        finally:
+            with self._lock:
+                client, self._client, self._stream = self._client, None, None
+            if client is not None:
+                client.close()
+            self._finish()
+
+
+class _LogFollower(_Follower):
     """One container's log stream, followed in a thread, handed to the loop per frame.
 
     It ends when the stream ends and the container no longer runs (or is gone). A stream
@@ -408,75 +481,32 @@ class _LogFollower:
         since: float | None,
         deliver: Callable[[list[LogLine] | None], bool],
     ) -> None:
-        self._client_factory = client_factory
+        super().__init__(client_factory, f"tidegate-docker-logs-{instance_id}")
         self._instance_id = instance_id
         self._scope = scope
         self._since = since  # lines at or before this are not delivered
         self._last: float | None = None  # the time of the last line delivered
         self._deliver = deliver
-        self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._client: Any = None
-        self._stream: CancellableStream | None = None
         self._splitters: dict[LogStream, LineSplitter] = {}
-        self._thread = threading.Thread(
-            target=self._run, name=f"tidegate-docker-logs-{instance_id}", daemon=True
-        )
 
-    def start(self) -> None:
-        self._thread.start()
+    def _describe(self) -> str:
+        return f"the output of {self._instance_id}"
 
-    def close(self) -> None:
-        """Stop following: shut the stream's socket so a blocked read returns. Never blocks."""
-        with self._lock:
-            self._stopping.set()
-            stream, client = self._stream, self._client
-        if stream is not None:
-            try:
-                stream.close()
-            except Exception:  # already closed, or the socket is gone: either way it ends
-                log.debug("closing a log stream", exc_info=True)
-        if client is not None:
-            client.close()
+    def _finish(self) -> None:
+        rest = [
+            LogLine(stream, text, time.time())
+            for stream, splitter in self._splitters.items()
+            for text in splitter.flush()
+        ]
+        if rest and not self._stopping.is_set():
+            self._deliver(rest)
+        self._deliver(None)
 
-    def join(self, timeout: float) -> None:
-        self._thread.join(timeout)
+    def _follow_once(self) -> bool | None:
+        # again while the container runs; it stopped, or is gone: done
+        return True if self._follow_container() else None
 
-    def _run(self) -> None:
-        delay = _RECONNECT_MIN
-        try:
-            while not self._stopping.is_set():
-                try:
-                    if not self._follow_once():
-                        break  # the container stopped, or is gone
-                    delay = _RECONNECT_MIN
-                except Exception as exc:
-                    if self._stopping.is_set():
-                        break
-                    log.warning(
-                        "following the output of %s failed (%s); retrying in %.1fs",
-                        self._instance_id,
-                        exc,
-                        delay,
-                    )
-                if self._stopping.wait(delay):
-                    break
-                delay = min(delay * 2, _RECONNECT_MAX)
-        finally:
-            with self._lock:
-                client, self._client, self._stream = self._client, None, None
-            if client is not None:
-                client.close()
-            rest = [
-                LogLine(stream, text, time.time())
-                for stream, splitter in self._splitters.items()
-                for text in splitter.flush()
-            ]
-            if rest and not self._stopping.is_set():
-                self._deliver(rest)
-            self._deliver(None)
-
-    def _follow_once(self) -> bool:
+    def _follow_container(self) -> bool:
         """Follow the stream until it ends; True if the container still runs (follow again)."""
         if self._last is not None:  # again, after a break: the engine replays from since on
             self._since = self._last
@@ -566,7 +596,7 @@ def _frames(raw: BinaryIO) -> Iterator[tuple[int, bytes]]:
         yield stream_id, payload
 
 
-class _EventStream:
+class _EventStream(_Follower):
     """One engine event subscription, followed in a thread, handed to the loop per event.
 
     It reconnects when the stream breaks (dockerd restarted), asking the engine to replay from
@@ -579,59 +609,18 @@ class _EventStream:
         since: float,
         deliver: Callable[[RuntimeEvent | None], bool],
     ) -> None:
-        self._client_factory = client_factory
+        super().__init__(client_factory, "tidegate-docker-events")
         self._filters = {"label": label_filter, "type": "container", "event": ["die", "destroy"]}
         self._since = f"{since:.9f}"
         self._deliver = deliver
-        self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._client: Any = None
-        self._stream: Any = None
         self._last_nano = 0
         self._seen_at_last: set[tuple[str, str]] = set()
-        self._thread = threading.Thread(
-            target=self._run, name="tidegate-docker-events", daemon=True
-        )
 
-    def start(self) -> None:
-        self._thread.start()
+    def _describe(self) -> str:
+        return "the Docker event stream"
 
-    def close(self) -> None:
-        """Stop following: shut the stream's socket so a blocked read returns. Never blocks."""
-        with self._lock:
-            self._stopping.set()
-            stream, client = self._stream, self._client
-        if stream is not None:
-            try:
-                stream.close()
-            except Exception:  # already closed, or the socket is gone: either way it ends
-                log.debug("closing the event stream", exc_info=True)
-        if client is not None:
-            client.close()
-
-    def join(self, timeout: float) -> None:
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        delay = _RECONNECT_MIN
-        try:
-            while not self._stopping.is_set():
-                try:
-                    if self._follow_once():
-                        delay = _RECONNECT_MIN  # it had worked: start the backoff over
-                except Exception as exc:
-                    if self._stopping.is_set():
-                        break
-                    log.warning("Docker event stream failed (%s); retrying in %.1fs", exc, delay)
-                if self._stopping.wait(delay):
-                    break
-                delay = min(delay * 2, _RECONNECT_MAX)
-        finally:
-            with self._lock:
-                client, self._client, self._stream = self._client, None, None
-            if client is not None:
-                client.close()
-            self._deliver(None)
+    def _finish(self) -> None:
+        self._deliver(None)
 
     def _follow_once(self) -> bool:
         """Follow the stream until it ends; True if it delivered anything."""

@@ -53,6 +53,7 @@ __all__ = [
     "decode_body",
     "error_response",
     "json_errors",
+    "serve_unix",
 ]
 
 _log = logging.getLogger(__name__)
@@ -223,6 +224,29 @@ def decode_body(body: bytes, type_: type[_T]) -> _T | web.Response:
         return error_response(400, str(exc))
 
 
+async def serve_unix(
+    app: web.Application, listener: UnixListener, shutdown_timeout: float
+) -> web.AppRunner:
+    """Serve ``app`` on ``listener``'s socket (ControlSocketError if a live process holds
+    it); on any failure nothing is left behind: no runner, no socket file."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    try:
+        # From the liveness probe to listen() nothing awaits, so no other coroutine of
+        # ours can slip in between.
+        sock = listener.bind()
+        try:
+            await web.SockSite(runner, sock).start()
+        except BaseException:
+            sock.close()
+            listener.unlink()
+            raise
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
 class ControlServer:
     """Serves the control API for ``target`` on the unix socket at ``path``.
 
@@ -270,23 +294,7 @@ class ControlServer:
         app.router.add_get("/v1/services", self._services)
         app.router.add_get("/v1/stats", self._stats)
         app.router.add_get("/v1/subscribe", self._subscribe)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=_SHUTDOWN_GRACE)
-        await runner.setup()
-        try:
-            # From the liveness probe to listen() nothing awaits, so no other coroutine of
-            # ours can slip in between.
-            sock = self._listener.bind()
-            try:
-                site = web.SockSite(runner, sock)
-                await site.start()
-            except BaseException:
-                sock.close()
-                self._listener.unlink()
-                raise
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
+        self._runner = await serve_unix(app, self._listener, _SHUTDOWN_GRACE)
         self._target.add_listener(self._on_event)
         loop = asyncio.get_running_loop()
         self._next_tick = loop.time() + self._stats_interval

@@ -17,7 +17,13 @@ from typing import Protocol
 import msgspec
 from aiohttp import web
 
-from ingress.control import UnixJsonClient, decode_body, error_response, json_errors
+from ingress.control import (
+    UnixJsonClient,
+    decode_body,
+    error_response,
+    json_errors,
+    serve_unix,
+)
 from ingress.paths import runtime_root
 from ingress.unixsock import UnixListener
 from scaler.messages import (
@@ -89,20 +95,7 @@ class ScalerApiServer:
         app.router.add_post("/v1/services/{name}/pause", self._pause)
         app.router.add_post("/v1/services/{name}/resume", self._resume)
         app.router.add_delete("/v1/services/{name}", self._delete)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=_SHUTDOWN_GRACE)
-        await runner.setup()
-        try:
-            sock = self._listener.bind()
-            try:
-                await web.SockSite(runner, sock).start()
-            except BaseException:
-                sock.close()
-                self._listener.unlink()
-                raise
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
+        self._runner = await serve_unix(app, self._listener, _SHUTDOWN_GRACE)
 
     async def close(self) -> None:
         if self._runner is not None:

@@ -32,7 +32,6 @@ import http.client
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -391,39 +390,22 @@ def format_markdown(rep: ColdstartReport) -> str:
     else:
         lines.append(", ".join(f"{k} = {g:g}" for k, g in set_gates.items()))
         lines += [""] + ([f"- MISSED: {msg}" for msg in rep.missed] or ["- all passed"])
-    lines += ["", "## Commands", "", "```"]
-    lines += [f"# {name}\n{report._shell(argv)}" for name, argv in rep.commands.items()]
-    lines += ["```", "", f"### {SERVICE}.yaml", "", "```yaml", rep.service_file.rstrip(), "```"]
+    lines += [""]
+    lines += report.commands_markdown(rep.commands, SERVICE, rep.service_file)
     return "\n".join(lines) + "\n"
 
 
 def write(rep: ColdstartReport, out_dir: Path) -> tuple[Path, Path]:
     """Write coldstart-<stamp>.json and .md into `out_dir`; return their paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    base = out_dir / f"coldstart-{rep.stamp()}"
-    json_path, md_path = base.with_suffix(".json"), base.with_suffix(".md")
-    json_path.write_text(json.dumps(rep.to_json(), indent=2) + "\n")
-    md_path.write_text(format_markdown(rep))
-    return json_path, md_path
+    return report.write_pair(
+        out_dir, f"coldstart-{rep.stamp()}", rep.to_json(), format_markdown(rep)
+    )
 
 
 def machine_info(engine_version: str, sdk_version: str) -> dict[str, Any]:
-    """CPU, CPU counts, kernel and versions; the same facts `bench proxy` records, with the
-    Docker engine in place of nginx, HAProxy and wrk (report.machine_info runs those)."""
-    return {
-        "cpu_model": report._cpu_model(),
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu_count": os.cpu_count(),
-        "kernel": ".".join(platform.release().split(".")[:2]),  # as report.machine_info
-        "versions": {
-            "docker_engine": engine_version,
-            "docker_sdk": sdk_version,
-            "python": sys.version.split()[0],
-            "tidegate_commit": report._first_line(
-                ["git", "-C", str(_REPO_ROOT), "describe", "--always", "--dirty"]
-            ),
-        },
-    }
+    """What `bench proxy` records of the machine, with the Docker engine in place of nginx,
+    HAProxy and wrk."""
+    return report.machine_with({"docker_engine": engine_version, "docker_sdk": sdk_version})
 
 
 # --- the shell: Docker, tidegate, the clock ------------------------------------------------

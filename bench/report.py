@@ -112,6 +112,20 @@ def _cpu_model() -> str:
 
 def machine_info(tools: Mapping[str, str]) -> dict[str, Any]:
     """CPU, CPU counts, kernel and tool versions of this machine."""
+    return machine_with(
+        {
+            # nginx prints its version on stderr; wrk has no version flag but -v prints its
+            # banner (and exits 1).
+            "nginx": _first_line([tools["nginx"], "-v"]),
+            "haproxy": _first_line([tools["haproxy"], "-v"]),
+            "wrk": _first_line([tools["wrk"], "-v"]).split(" Copyright")[0],
+        }
+    )
+
+
+def machine_with(versions: Mapping[str, str]) -> dict[str, Any]:
+    """CPU, CPU counts, kernel, and ``versions`` with Python's and tidegate's commit added:
+    what every benchmark records of the machine it ran on."""
     return {
         "cpu_model": _cpu_model(),
         "nproc": len(os.sched_getaffinity(0)),
@@ -119,11 +133,7 @@ def machine_info(tools: Mapping[str, str]) -> dict[str, Any]:
         # major.minor only: what matters for networking, not the build of one machine
         "kernel": ".".join(platform.release().split(".")[:2]),
         "versions": {
-            # nginx prints its version on stderr; wrk has no version flag but -v prints its
-            # banner (and exits 1).
-            "nginx": _first_line([tools["nginx"], "-v"]),
-            "haproxy": _first_line([tools["haproxy"], "-v"]),
-            "wrk": _first_line([tools["wrk"], "-v"]).split(" Copyright")[0],
+            **versions,
             "python": sys.version.split()[0],
             "tidegate_commit": _first_line(
                 ["git", "-C", str(_REPO_ROOT), "describe", "--always", "--dirty"]
@@ -226,9 +236,26 @@ def format_markdown(rep: ProxyReport) -> str:
 
 def write(rep: ProxyReport, out_dir: Path) -> tuple[Path, Path]:
     """Write proxy-<stamp>.json and .md into `out_dir`; return their paths."""
+    return write_pair(out_dir, f"proxy-{rep.stamp()}", rep.to_json(), format_markdown(rep))
+
+
+def write_pair(
+    out_dir: Path, name: str, data: Mapping[str, Any], markdown: str
+) -> tuple[Path, Path]:
+    """Write ``<name>.json`` and ``<name>.md`` into `out_dir` (made if missing); return them."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    base = out_dir / f"proxy-{rep.stamp()}"
+    base = out_dir / name
     json_path, md_path = base.with_suffix(".json"), base.with_suffix(".md")
-    json_path.write_text(json.dumps(rep.to_json(), indent=2) + "\n")
-    md_path.write_text(format_markdown(rep))
+    json_path.write_text(json.dumps(data, indent=2) + "\n")
+    md_path.write_text(markdown)
     return json_path, md_path
+
+
+def commands_markdown(
+    commands: Mapping[str, Sequence[str]], service: str, service_file: str
+) -> list[str]:
+    """The Markdown lines that record how a run was made: its commands and service file."""
+    lines = ["## Commands", "", "```"]
+    lines += [f"# {name}\n{_shell(argv)}" for name, argv in commands.items()]
+    lines += ["```", "", f"### {service}.yaml", "", "```yaml", service_file.rstrip(), "```"]
+    return lines

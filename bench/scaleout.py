@@ -788,20 +788,15 @@ def format_markdown(rep: ScaleoutReport) -> str:
             text_cols=-1,
         )
         lines.append("")
-    lines += ["## Commands", "", "```"]
-    lines += [f"# {name}\n{report._shell(argv)}" for name, argv in rep.commands.items()]
-    lines += ["```", "", f"### {SERVICE}.yaml", "", "```yaml", rep.service_file.rstrip(), "```"]
+    lines += report.commands_markdown(rep.commands, SERVICE, rep.service_file)
     return "\n".join(lines) + "\n"
 
 
 def write(rep: ScaleoutReport, out_dir: Path) -> tuple[Path, Path]:
     """Write scaleout-<stamp>.json and .md into `out_dir`; return their paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    base = out_dir / f"scaleout-{rep.stamp()}"
-    json_path, md_path = base.with_suffix(".json"), base.with_suffix(".md")
-    json_path.write_text(json.dumps(rep.to_json(), indent=2) + "\n")
-    md_path.write_text(format_markdown(rep))
-    return json_path, md_path
+    return report.write_pair(
+        out_dir, f"scaleout-{rep.stamp()}", rep.to_json(), format_markdown(rep)
+    )
 
 
 def server_counts(metrics_text: str, service: str = SERVICE) -> dict[str, Any]:

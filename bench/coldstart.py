@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import procs, report
+from bench.args import non_negative_int, positive_int
 
 __all__ = [
     "BARE",
@@ -651,25 +652,11 @@ def _cleanup_deferred(client: Any) -> Iterator[None]:
             _remove_ours(client)
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `coldstart` subcommand's flags."""
     parser.add_argument(
         "--rounds",
-        type=_positive_int,
+        type=positive_int,
         default=_DEFAULT_ROUNDS,
         metavar="N",
         help=f"measured rounds, each one bare start and one cold request through tidegate "
@@ -677,7 +664,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--warmup",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=_DEFAULT_WARMUP,
         metavar="N",
         help=f"rounds run first and not counted (default {_DEFAULT_WARMUP})",

@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench import configs, procs, report
+from bench.args import non_negative_int, positive_int
 from bench.install import ensure_tools
 from bench.wrk import WrkError, WrkResult, run_wrk, wrk_command
 
@@ -294,39 +295,25 @@ def _parse_targets(text: str) -> tuple[str, ...]:
     return tuple(t for t in TARGETS if t in names)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `proxy` subcommand's flags."""
     parser.add_argument(
         "--duration",
-        type=_positive_int,
+        type=positive_int,
         default=_DEFAULT_DURATION_S,
         metavar="S",
         help=f"seconds measured per target and cell (default {_DEFAULT_DURATION_S})",
     )
     parser.add_argument(
         "--warmup",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=_DEFAULT_WARMUP_S,
         metavar="S",
         help=f"seconds of discarded load before each measurement (default {_DEFAULT_WARMUP_S})",
     )
     parser.add_argument(
         "--rounds",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         metavar="N",
         help="repeat the whole matrix N times and report medians (default 1)",

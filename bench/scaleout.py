@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import coldstart, procs, report
+from bench.args import non_negative_int, positive_int
 from bench.coldstart import percentile
 from bench.loadgen import IDLE, RAMP, STEP, LoadGenerator, Phase, RequestRecord, Span
 from ingress.units import parse_duration
@@ -1126,34 +1127,20 @@ def _positive_duration(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `scaleout` subcommand's flags."""
     d = _DEFAULTS
     service = parser.add_argument_group("the service")
     service.add_argument(
         "--max-concurrency",
-        type=_positive_int,
+        type=positive_int,
         default=d["max_concurrency"],
         metavar="N",
         help="requests one instance takes at once (default %(default)s)",
     )
     service.add_argument(
         "--max-size",
-        type=_positive_int,
+        type=positive_int,
         default=d["max_size"],
         metavar="N",
         help="instances at most (default %(default)s)",
@@ -1175,7 +1162,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load = parser.add_argument_group("the load")
     load.add_argument(
         "--clients",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help=f"clients at the peak of the step and the ramp "
@@ -1241,7 +1228,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gates = parser.add_argument_group("SLO gates (exit 1 when one is missed)")
     gates.add_argument(
         "--max-errors",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=None,
         metavar="N",
         help="failed requests over the whole run, at most",

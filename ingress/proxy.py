@@ -278,7 +278,7 @@ class ClientConnection(asyncio.Protocol):
             else:
                 upstream.abort()  # nobody will read the answer: stop the instance's work
         if self._tunnel and self._service is not None:
-            self._count_response()
+            self._count_response(_clock())
         self._release_slot()
         self._head = None
 
@@ -751,19 +751,18 @@ class ClientConnection(asyncio.Protocol):
             self._request_done = True
         self._finish()
 
-    def _count_response(self) -> None:
+    def _count_response(self, now: float) -> None:
         service = self._service
         assert service is not None
         service.codes[self._status // 100] += 1
-        service.duration.observe(_clock() - self._t0)
+        service.duration.observe(now - self._t0)
 
-    def _log_access(self) -> None:
+    def _log_access(self, now: float) -> None:
         head = self._head
         log = self._ctx.access_log
         if head is None or log is None:
             return
         t0 = self._t0
-        now = _clock()
         granted = self._t_grant
         service = self._service
         log.record(
@@ -809,12 +808,13 @@ class ClientConnection(asyncio.Protocol):
     # -- end of an exchange ----------------------------------------------------------------
 
     def _finish(self) -> None:
+        now = _clock()  # the exchange's end, for its duration and its log line alike
         if self._service is not None:
-            self._count_response()
+            self._count_response(now)
         elif self._status:
             self._ctx.router.unrouted[self._status // 100] += 1
         if self._ctx.access_log is not None:
-            self._log_access()
+            self._log_access(now)
         self.flush()
         keep_alive = self._keep_alive and not self._ctx.draining
         resume_reader = self._resume_reader

@@ -34,7 +34,15 @@ from scaler.metrics import ScalerCollector
 from scaler.spec import MAX_SIZE_LIMIT
 from tidegate.config import ConfigError, add_config_flag, apply_config
 
-__all__ = ["add_log_dir_flag", "add_parser", "add_state_dir_flag", "log_dir_for", "run"]
+__all__ = [
+    "add_log_dir_flag",
+    "add_parser",
+    "add_scope_flag",
+    "add_state_dir_flag",
+    "log_dir_for",
+    "reload_service_files",
+    "run",
+]
 
 log = logging.getLogger("tidegate.scaler")
 
@@ -232,7 +240,9 @@ async def serve(
         reloads: set[asyncio.Task[None]] = set()
 
         def reload() -> None:
-            task = loop.create_task(_reload(scaler, paths, max_size_limit, notifier))
+            task = loop.create_task(
+                reload_service_files(scaler, paths, notifier, max_size_limit=max_size_limit)
+            )
             reloads.add(task)  # held until done: the loop keeps only weak references
             task.add_done_callback(reloads.discard)
 
@@ -279,10 +289,11 @@ def _status_line(scaler: Scaler) -> str:
     return line
 
 
-async def _reload(
-    scaler: Scaler, paths: list[str], max_size_limit: int, notifier: Notifier
+async def reload_service_files(
+    scaler: Scaler, paths: list[str], notifier: Notifier, *, max_size_limit: int = MAX_SIZE_LIMIT
 ) -> None:
-    """SIGHUP: read the service files again and apply what changed."""
+    """SIGHUP, for `tidegate scaler` and `tidegate up`: read the service files again and
+    apply what changed; a bad file is reported and its service keeps running as it was."""
     notifier.send("RELOADING=1\nSTATUS=reloading the service files")
     log.info("reloading the service files")
     loaded, errors = load_paths(paths, max_size_limit=max_size_limit)

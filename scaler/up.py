@@ -36,9 +36,15 @@ from ingress.systemd import Notifier, Ticker, start_watchdog
 from ingress.unixsock import ControlSocketError
 from scaler import statuspage
 from scaler.api import ScalerApiServer, default_scaler_socket
-from scaler.daemon import Scaler, check_scope, load_paths
+from scaler.daemon import Scaler, check_scope
 from scaler.metrics import ScalerCollector
-from scaler.serve import add_log_dir_flag, add_scope_flag, add_state_dir_flag, log_dir_for
+from scaler.serve import (
+    add_log_dir_flag,
+    add_scope_flag,
+    add_state_dir_flag,
+    log_dir_for,
+    reload_service_files,
+)
 from scaler.spec import ServiceSpec, SpecError, load_service_files
 
 __all__ = ["UP_SCOPE", "add_parser", "run"]
@@ -164,7 +170,7 @@ async def up(
             ticker = Ticker(loop, 5.0, lambda: notifier.status(ingress.status_text()))
 
             def reload() -> None:
-                task = loop.create_task(_reload(scaler, files, notifier))
+                task = loop.create_task(reload_service_files(scaler, files, notifier))
                 reloads.add(task)  # held until done: the loop keeps only weak references
                 task.add_done_callback(reloads.discard)
 
@@ -193,25 +199,6 @@ async def up(
                 watchdog.cancel()  # only now: stopping instances may outlast WatchdogSec
             notifier.close()
     return 0
-
-
-async def _reload(scaler: Scaler, files: list[str], notifier: Notifier) -> None:
-    """SIGHUP: read the service files again and apply what changed; a bad file is reported
-    and its service keeps running as it was."""
-    notifier.send("RELOADING=1\nSTATUS=reloading the service files")
-    log.info("reloading the service files")
-    loaded, errors = load_paths(files)
-    try:
-        results = await scaler.reload(loaded, errors)
-    except Exception:
-        log.exception("reload failed; the running configuration is kept")
-        results = []
-    changed = [f"{r.service} {r.action}" for r in results if r.action != "unchanged"]
-    log.info("reloaded: %s", ", ".join(changed) or "nothing changed")
-    status = f"{len(scaler.controllers)} service(s)"
-    if scaler.errors:
-        status += f"; not loaded: {scaler.errors[0].error}"
-    notifier.send("READY=1\nSTATUS=" + status)
 
 
 def _print_addresses(ingress: Ingress, specs: list[ServiceSpec], scaler_socket: str | None) -> None:

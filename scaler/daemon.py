@@ -236,17 +236,7 @@ class Scaler:
             built = [(await self._resolve_image(s, src), src) for s, src in parsed]
             results = []
             for spec, source in built:
-                controller = self.controllers.get(spec.name)
-                action: ApplyAction
-                if controller is None:
-                    action = "created"
-                    await self._add(spec, source, action)
-                else:
-                    if spec.instance != controller.spec.instance:
-                        self._record_usage(spec.name)  # what ran so far, at the old size
-                    action = await controller.update(spec)
-                    self._sources[spec.name] = source
-                    self._record_applied(spec, source, action)
+                action = await self._apply_one(spec, source, record_unchanged=True)
                 self.errors = [e for e in self.errors if e.file != source]
                 results.append(ApplyResult(spec.name, action, spec.spec_hash()))
             return ApplyResponse(results=results)
@@ -284,18 +274,7 @@ class Scaler:
                 except SpecError as exc:
                     self.errors.append(FileError(source, str(exc)))
                     continue
-                controller = self.controllers.get(spec.name)
-                action: ApplyAction
-                if controller is None:
-                    action = "created"
-                    await self._add(spec, source, action)
-                else:
-                    if spec.instance != controller.spec.instance:
-                        self._record_usage(spec.name)
-                    action = await controller.update(spec)
-                    self._sources[spec.name] = source
-                    if action != "unchanged":
-                        self._record_applied(spec, source, action)
+                action = await self._apply_one(spec, source, record_unchanged=False)
                 results.append(ApplyResult(spec.name, action, spec.spec_hash()))
             for error in self.errors:
                 self._log.error("reload: not loaded: %s", error.error)
@@ -313,6 +292,23 @@ class Scaler:
         """Drain and stop the service's instances, then remove its route at the ingress."""
         async with self._lock:
             await self._delete(service)
+
+    async def _apply_one(
+        self, spec: ServiceSpec, source: str, *, record_unchanged: bool
+    ) -> ApplyAction:
+        """Create the service, or update its controller (the lock is held). An explicit
+        apply records even an unchanged file; a reload, which reads every file, does not."""
+        controller = self.controllers.get(spec.name)
+        if controller is None:
+            await self._add(spec, source, "created")
+            return "created"
+        if spec.instance != controller.spec.instance:
+            self._record_usage(spec.name)  # what ran so far, at the old size
+        action = await controller.update(spec)
+        self._sources[spec.name] = source
+        if record_unchanged or action != "unchanged":
+            self._record_applied(spec, source, action)
+        return action
 
     async def _delete(self, service: str) -> None:
         """delete() with the lock held."""

@@ -164,7 +164,9 @@ class FieldCollector:
 
 def comma_tokens(values: Sequence[bytes]) -> tuple[bytes, ...]:
     """Lowercased, OWS-stripped, non-empty members of comma-separated field values."""
-    if len(values) == 1 and b"," not in values[0]:  # the usual single token, e.g. keep-alive
+    # The usual single token, e.g. keep-alive. find(), not "in": bytes.__contains__ first
+    # tries its argument as an int and raises and clears a TypeError, several times the search.
+    if len(values) == 1 and values[0].find(b",") < 0:
         item = values[0].strip(b" \t")
         return (item.lower(),) if item else ()
     out = []

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from time import monotonic as _clock  # vDSO: no syscall
+from time import monotonic_ns as _clock  # vDSO: no syscall
 from typing import TYPE_CHECKING, Any, cast
 
+from ingress.accesslog import Entry
 from ingress.h1.forward import (
     BODY_CHUNKED,
     BODY_CLOSE,
@@ -56,9 +57,13 @@ _PAUSE_BODY = 2  # body bytes buffered while no upstream connection is ready
 _PAUSE_UPSTREAM = 4  # the upstream's write buffer is full
 _PAUSE_UPGRADE = 8  # an upgrade request waits for the instance's answer
 
-# Timings (queue wait, upstream time, durations) are measured with time.monotonic, not the
-# loop's clock: uvloop's loop.time() is libuv's millisecond tick, cached per iteration, too
-# coarse for a proxy that adds well under a millisecond. Deadlines stay on the loop's clock.
+# Timings (queue wait, upstream time, durations) are integer nanoseconds of
+# time.monotonic_ns, not the loop's clock: uvloop's loop.time() is libuv's millisecond tick,
+# cached per iteration, too coarse for a proxy that adds well under a millisecond. Integers
+# keep differences exact, so the access log's milliseconds read 0.400125, not
+# 0.40012499999999995. Deadlines stay on the loop's clock.
+_NS_PER_MS = 1e6  # divided by, not multiplied with 1e-6: division rounds the result once
+_S_PER_NS = 1e-9
 
 # What the connection's single deadline means right now.
 _DL_NONE = 0
@@ -128,6 +133,7 @@ class ClientConnection(asyncio.Protocol):
         "_body_buffered",
         "_body_size",
         "_bytes_out",
+        "_client",
         "_client_ip",
         "_closed",
         "_ctx",
@@ -173,6 +179,7 @@ class ClientConnection(asyncio.Protocol):
         self._scheme = scheme
         self._transport: asyncio.Transport | None = None
         self._reader = RequestReader(self, max_head_bytes=ctx.max_head_bytes)
+        self._client = ""  # the peer's address as text
         self._client_ip = b""
         self._closed = False
         self._pause_mask = 0
@@ -208,12 +215,12 @@ class ClientConnection(asyncio.Protocol):
         self._tunnel = False
         self._tunnel_leftover = b""
         self._resume_reader = False
-        self._t0 = 0.0
-        self._t_grant = -1.0  # when an instance was given to the request (-1: never)
-        self._t_head = -1.0  # when the instance's response head came (-1: never)
+        self._t0 = 0  # arrival (ns, _clock)
+        self._t_grant = -1  # when an instance was given to the request (-1: never)
+        self._t_head = -1  # when the instance's response head came (-1: never)
         self._bytes_out = 0  # response body bytes from the instance
         self._trace = b""
-        self._instance_id = ""
+        self._instance_id: str | None = None  # for the access log, once the slot is gone
 
     # -- asyncio.Protocol: the client side -------------------------------------------------
 
@@ -222,7 +229,8 @@ class ClientConnection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         if peer:
-            self._client_ip = str(peer[0]).encode()
+            self._client = str(peer[0])
+            self._client_ip = self._client.encode()
         self._ctx.connections.add(self)
         if self._ctx.draining:
             transport.close()
@@ -355,7 +363,7 @@ class ClientConnection(asyncio.Protocol):
         self._held = None
         self._t_grant = now = _clock()
         if self._service is not None:
-            self._service.queue_wait.observe(now - self._t0)
+            self._service.queue_wait.observe((now - self._t0) * _S_PER_NS)
         if self._closed or self._service is None:
             # cannot happen while the queue cancels on connection_lost, but never leak a slot
             if self._service is not None:
@@ -531,8 +539,8 @@ class ClientConnection(asyncio.Protocol):
         self._t_head = now = _clock()
         granted = self._t_grant
         return b"queue;dur=%.1f, upstream;dur=%.1f" % (
-            (granted - self._t0) * 1000,
-            (now - granted) * 1000,
+            (granted - self._t0) / _NS_PER_MS,
+            (now - granted) / _NS_PER_MS,
         )
 
     def on_upstream_body(self, data: bytes) -> None:
@@ -735,15 +743,17 @@ class ClientConnection(asyncio.Protocol):
         self._response_started = True
         # how long it waited for an instance (until now if it never got one)
         waited = (self._t_grant if self._t_grant >= 0 else _clock()) - self._t0
+        if not self._request_id:  # never forwarded: the id is made here, and logged
+            self._request_id = new_request_id()
         self._wbuf.append(
             error_response(
                 status,
-                self._request_id or new_request_id(),
+                self._request_id,
                 message,
                 close=not keep_alive,
                 retry_after=retry_after,
                 head_request=head.method == b"HEAD",
-                server_timing=b"queue;dur=%.1f" % (waited * 1000),
+                server_timing=b"queue;dur=%.1f" % (waited / _NS_PER_MS),
             )
         )
         if keep_alive:
@@ -751,37 +761,41 @@ class ClientConnection(asyncio.Protocol):
             self._request_done = True
         self._finish()
 
-    def _count_response(self, now: float) -> None:
+    def _count_response(self, now: int) -> None:
         service = self._service
         assert service is not None
         service.codes[self._status // 100] += 1
-        service.duration.observe(now - self._t0)
+        service.duration.observe((now - self._t0) * _S_PER_NS)
 
-    def _log_access(self, now: float) -> None:
+    def _log_access(self, log: AccessLog, now: int) -> None:
         head = self._head
-        log = self._ctx.access_log
-        if head is None or log is None:
+        if head is None:
             return
         t0 = self._t0
         granted = self._t_grant
+        answered = self._t_head
         service = self._service
+        host = head.host
+        trace = self._trace
+        # Texts are ASCII (the parser and forward.py check: visible ASCII, or hex we made),
+        # so decode() cannot fail; msgspec escapes what JSON needs.
         log.record(
-            (
-                t0,
-                self._request_id,
-                self._trace or b"",
-                self._client_ip,
-                head.method,
-                head.target,
-                head.host or b"",
-                service.name if service is not None else "",
+            Entry(
+                log.stamp if log.stamp_from <= t0 < log.stamp_until else log.stamp_at(t0),
+                self._request_id.decode(),
+                trace.decode() if trace else None,
+                self._client,
+                head.method.decode(),
+                head.target.decode(),
+                host.decode() if host else None,
+                service.name if service is not None else None,
                 self._instance_id,
                 self._status,
                 self._body_size,
                 self._bytes_out,
-                (granted if granted >= 0 else now) - t0,
-                self._t_head - granted if self._t_head >= 0 and granted >= 0 else -1.0,
-                now - t0,
+                ((granted if granted >= 0 else now) - t0) / _NS_PER_MS,
+                (answered - granted) / _NS_PER_MS if answered >= 0 else None,
+                (now - t0) / _NS_PER_MS,
             )
         )
 
@@ -809,13 +823,16 @@ class ClientConnection(asyncio.Protocol):
 
     def _finish(self) -> None:
         now = _clock()  # the exchange's end, for its duration and its log line alike
+        # The response's last bytes go out first, the bookkeeping after: the client (and
+        # whatever runs on the other cores) gets on with it while this core counts and logs.
+        self.flush()
         if self._service is not None:
             self._count_response(now)
         elif self._status:
             self._ctx.router.unrouted[self._status // 100] += 1
-        if self._ctx.access_log is not None:
-            self._log_access(now)
-        self.flush()
+        log = self._ctx.access_log
+        if log is not None:
+            self._log_access(log, now)
         keep_alive = self._keep_alive and not self._ctx.draining
         resume_reader = self._resume_reader
         if not self._request_done:

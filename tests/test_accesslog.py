@@ -8,69 +8,89 @@ import asyncio
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
-from ingress.accesslog import AccessLog, format_batch
+from ingress.accesslog import AccessLog, Entry
 from ingress.messages import InstanceSpec
 from tests.backends import running_backends
-from tests.conftest import routing, running_ingress, url, wait_for
+from tests.conftest import raw_exchange, routing, running_ingress, url, wait_for
+
+EXPECTED = {
+    "time": "2025-11-26T12:01:40.125Z",
+    "request_id": "r1",
+    "trace_id": "t1",
+    "client": "127.0.0.1",
+    "method": "GET",
+    "path": "/a?b=1",
+    "host": "h.test",
+    "service": "svc",
+    "instance": "svc-1",
+    "status": 200,
+    "bytes_in": 3,
+    "bytes_out": 5,
+    "queue_ms": 250.0,
+    "upstream_ms": 12.5,
+    "total_ms": 262.5,
+}
 
 
-def raw(status: int = 200, **over: object) -> tuple:  # type: ignore[type-arg]
-    values: dict[str, object] = {
-        "arrived": 100.0,
-        "rid": b"r1",
-        "trace": b"t1",
-        "client": b"127.0.0.1",
-        "method": b"GET",
-        "path": b"/a?b=1",
-        "host": b"h.test",
-        "service": "svc",
-        "instance": "svc-1",
-        "status": status,
-        "bytes_in": 3,
-        "bytes_out": 5,
-        "queue": 0.25,
-        "upstream": 0.0125,
-        "total": 0.2625,
-    }
-    values.update(over)
-    return tuple(values.values())
+def entry(status: int = 200, **over: object) -> Entry:
+    return Entry(**{**EXPECTED, "status": status, **over})  # type: ignore[arg-type]
 
 
 def lines(path: Path) -> list[dict]:  # type: ignore[type-arg]
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_format_batch_gives_one_json_line_per_record() -> None:
-    data = format_batch([raw(), raw(502, upstream=-1.0, instance="", trace=b"")], 1_764_158_400.0)
-    first, second = (json.loads(line) for line in data.decode().splitlines())
-    assert first == {
-        "time": "2025-11-26T12:01:40.000Z",
-        "request_id": "r1",
-        "trace_id": "t1",
-        "client": "127.0.0.1",
-        "method": "GET",
-        "path": "/a?b=1",
-        "host": "h.test",
-        "service": "svc",
-        "instance": "svc-1",
-        "status": 200,
-        "bytes_in": 3,
-        "bytes_out": 5,
-        "queue_ms": 250.0,
-        "upstream_ms": 12.5,
-        "total_ms": 262.5,
+async def test_an_entry_is_one_json_line_with_nulls_and_escapes(tmp_path: Path) -> None:
+    """Fields in the documented order; what is missing is null; quotes, backslashes and
+    control characters stay inside one line."""
+    path = tmp_path / "access.log"
+    log = AccessLog(str(path), flush_interval=0.01)
+    log.start()
+    try:
+        log.record(entry())
+        log.record(
+            entry(502, trace_id=None, host=None, service=None, instance=None, upstream_ms=None)
+        )
+        log.record(entry(path='/a"b\\c\x01', host="h\x7f"))
+        await wait_for(lambda: path.exists() and len(lines(path)) == 3, 5, "three lines")
+    finally:
+        await log.close()
+    first, missing, escaped = lines(path)
+    assert list(first) == list(EXPECTED) and first == EXPECTED
+    assert missing == {
+        **EXPECTED,
+        "status": 502,
+        "trace_id": None,
+        "host": None,
+        "service": None,
+        "instance": None,
+        "upstream_ms": None,
     }
-    assert (second["upstream_ms"], second["instance"], second["trace_id"]) == (None, None, None)
-    assert data.endswith(b"\n")
+    assert (escaped["path"], escaped["host"]) == ('/a"b\\c\x01', "h\x7f")
 
 
-def test_non_ascii_bytes_in_a_path_do_not_break_a_line() -> None:
-    data = format_batch([raw(path=b"/caf\xc3\xa9\xff")], 0.0)
-    assert json.loads(data)["path"] == "/caf\xc3\xa9\xff"
+def test_stamps_are_arrival_times_kept_per_millisecond(monkeypatch: pytest.MonkeyPatch) -> None:
+    """stamp_at turns monotonic nanoseconds into wall-clock text and keeps the newest
+    millisecond's text with its bounds; an older time gets its own text without displacing
+    it."""
+    s = 1_000_000_000  # ns
+    monkeypatch.setattr(time, "time_ns", lambda: 1_764_158_400 * s + s // 2)  # 12:00:00.5Z
+    monkeypatch.setattr(time, "monotonic_ns", lambda: 1000 * s + s // 2)
+    log = AccessLog("-")
+    t = 1000 * s + 123_456_789  # 12:00:00.123456789
+    assert log.stamp_at(t) == "2025-11-26T12:00:00.123Z"
+    assert log.stamp == "2025-11-26T12:00:00.123Z"
+    assert (log.stamp_from, log.stamp_until) == (1000 * s + 123_000_000, 1000 * s + 124_000_000)
+    assert log.stamp_at(999 * s + 999_999_999) == "2025-11-26T11:59:59.999Z"  # older: not kept
+    assert log.stamp == "2025-11-26T12:00:00.123Z"
+    assert log.stamp_at(1001 * s) == "2025-11-26T12:00:01.000Z"
+    assert log.stamp == "2025-11-26T12:00:01.000Z"
 
 
 async def test_records_are_written_in_batches_and_reopened_for_logrotate(tmp_path: Path) -> None:
@@ -78,14 +98,14 @@ async def test_records_are_written_in_batches_and_reopened_for_logrotate(tmp_pat
     log = AccessLog(str(path), flush_interval=0.01)
     log.start()
     try:
-        log.record(raw())
-        log.record(raw(404))
+        log.record(entry())
+        log.record(entry(404))
         await wait_for(lambda: path.exists() and len(lines(path)) == 2, 5, "two lines")
         assert [line["status"] for line in lines(path)] == [200, 404]
         rotated = tmp_path / "access.log.1"
         path.rename(rotated)  # what logrotate does, before it signals
         log.reopen()
-        log.record(raw(503))
+        log.record(entry(503))
         await wait_for(lambda: path.exists() and len(lines(path)) == 1, 5, "the reopened file")
         assert [line["status"] for line in lines(rotated)] == [200, 404]
         assert lines(path)[0]["status"] == 503
@@ -104,7 +124,7 @@ async def test_a_stalled_destination_drops_records_instead_of_blocking(tmp_path:
     log = AccessLog(str(fifo), flush_interval=10.0, max_pending=2)
     log.start()
     try:
-        big = raw(path=b"/" + b"x" * 70_000)  # one record is more than the pipe holds
+        big = entry(path="/" + "x" * 70_000)  # one record is more than the pipe holds
         for _ in range(10):
             log.record(big)
             log.flush()  # each one handed over at once
@@ -146,13 +166,19 @@ async def test_every_request_is_logged_with_its_timings(tmp_path: Path) -> None:
                 timing = response.headers["Server-Timing"]
             async with session.get(url(ingress, "/nope"), headers={"Host": "other.test"}) as r:
                 assert r.status == 404  # the default route takes any host; the app has no /nope
+            # quote and backslash are visible ASCII, so allowed in a target: escaped in the log
+            answer = await raw_exchange(
+                ingress, b'GET /q"\\ HTTP/1.1\r\nHost: h.test\r\nConnection: close\r\n\r\n'
+            )
+            assert answer.startswith(b"HTTP/1.1 404 ")
             ingress.router.delete_service("svc")
             async with session.get(url(ingress, "/gone")) as r:
                 assert r.status == 404
                 assert "Server-Timing" in r.headers
     records = lines(path)  # the ingress is closed: everything is written
-    assert [r["status"] for r in records] == [200, 404, 404]
+    assert [r["status"] for r in records] == [200, 404, 404, 404]
     assert (records[1]["instance"], records[1]["host"]) == ("svc-a", "other.test")
+    assert (records[2]["path"], records[2]["instance"]) == ('/q"\\', "svc-a")
     held = records[0]
     assert held["request_id"] == request_id
     assert held["trace_id"] == trace
@@ -164,10 +190,13 @@ async def test_every_request_is_logged_with_its_timings(tmp_path: Path) -> None:
     )
     assert held["queue_ms"] > 0
     assert held["total_ms"] >= held["queue_ms"] + held["upstream_ms"] - 0.01
+    # integer nanoseconds underneath: no float noise past the sixth decimal
+    for key in ("queue_ms", "upstream_ms", "total_ms"):
+        assert len(repr(held[key]).partition(".")[2]) <= 6, held
     match = re.fullmatch(r"queue;dur=([\d.]+), upstream;dur=([\d.]+)", timing)
     assert match is not None, timing
     assert float(match.group(1)) > 0
-    assert records[2]["service"] is None and records[2]["upstream_ms"] is None
+    assert records[3]["service"] is None and records[3]["upstream_ms"] is None
 
 
 def test_the_access_log_is_on_by_default_and_off_with_a_flag() -> None:

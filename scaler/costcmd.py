@@ -34,36 +34,27 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ingress.paths import state_root
-from ingress.units import parse_duration
-from scaler import cost
+from scaler import cost, logs
 from scaler.cost import Cost
+from scaler.logcmd import default_log_dir
 
 __all__ = [
     "ReadResult",
     "Summary",
     "UsageRecord",
     "add_parser",
-    "default_log_dir",
     "log_files",
-    "parse_since",
     "read_usage",
     "summarize",
 ]
 
-SYSTEM_LOG = "system.log"
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")  # a service name (DNS label)
-_DAYS = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*d\s*$")
-
-
-def default_log_dir() -> Path:
-    """``logs`` under tidegate's state directory (:func:`ingress.paths.state_root`)."""
-    return state_root() / "logs"
 
 
 # -- reading --------------------------------------------------------------------------------
-# TODO: read through scaler.logs.read_records(log_dir, service, system=True, since=None)
-# once it lands; summarize() does its own --since selection, so only read_usage() changes.
+# Files, times and --since come from scaler.logs; the reading stays here rather than going
+# through logs.read_records, which skips lines it cannot decode, because the report counts
+# them (ReadResult.malformed).
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,23 +74,8 @@ class ReadResult:
 
 
 def log_files(log_dir: Path, service: str) -> list[Path]:
-    """The service's system log files, oldest first: ``system.log.N`` down to ``.1``, then
-    ``system.log``; those that exist."""
-    directory = log_dir / service
-    rotated: list[tuple[int, Path]] = []
-    try:
-        entries = list(directory.iterdir())
-    except OSError:
-        return []
-    for entry in entries:
-        suffix = entry.name.removeprefix(SYSTEM_LOG + ".")
-        if entry.name.startswith(SYSTEM_LOG + ".") and suffix.isdigit():
-            rotated.append((int(suffix), entry))
-    files = [path for _, path in sorted(rotated, reverse=True)]
-    current = directory / SYSTEM_LOG
-    if current.is_file():
-        files.append(current)
-    return files
+    """The service's system log files, oldest first (:func:`scaler.logs.log_files`)."""
+    return logs.log_files(log_dir / service, logs.SYSTEM_LOG)
 
 
 def read_usage(files: Iterable[Path]) -> ReadResult:
@@ -132,7 +108,10 @@ def _parse_line(line: bytes) -> UsageRecord | None:
     if data.get("event") != "usage":
         return None
     try:
-        when = parse_time(data["time"])
+        moment = data["time"]
+        if not isinstance(moment, str):
+            raise TypeError(f"not a time: {moment!r}")
+        when = logs.parse_time(moment)
         numbers = [
             _number(data[key]) for key in ("active_seconds", "idle_seconds", "cpu", "memory_bytes")
         ]
@@ -150,34 +129,6 @@ def _number(value: object) -> float:
     if not math.isfinite(number):
         raise ValueError(f"not finite: {value!r}")
     return number
-
-
-def parse_time(text: object) -> float:
-    """Unix seconds from an RFC 3339 time with a zone (``2026-11-26T12:00:00.123Z``)."""
-    if not isinstance(text, str):
-        raise TypeError(f"not a time: {text!r}")
-    moment = datetime.datetime.fromisoformat(text)
-    if moment.tzinfo is None:
-        raise ValueError(f"time without a zone: {text!r}")
-    return moment.timestamp()
-
-
-def parse_since(text: str, now: float) -> float:
-    """Unix seconds from ``--since``: a duration before ``now`` (``90m``, ``24h``, ``7d``) or
-    an RFC 3339 time; ValueError otherwise."""
-    days = _DAYS.match(text)
-    if days is not None:
-        return now - float(days.group(1)) * 86400.0
-    try:
-        return now - parse_duration(text)
-    except ValueError:
-        pass
-    try:
-        return parse_time(text)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"not a duration or a time: {text!r} (use e.g. 90m, 24h, 7d or 2026-11-26T12:00:00Z)"
-        ) from None
 
 
 # -- summing --------------------------------------------------------------------------------
@@ -293,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
     since: float | None = None
     if args.since is not None:
         try:
-            since = parse_since(args.since, now)
+            since = logs.parse_since(args.since, now)
         except ValueError as exc:
             print(f"tidegate cost: --since: {exc}", file=sys.stderr)
             return 2

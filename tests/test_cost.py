@@ -13,14 +13,8 @@ from typing import Any
 import pytest
 
 from scaler.cost import ZERO, Cost, always_on, price
-from scaler.costcmd import (
-    UsageRecord,
-    log_files,
-    parse_since,
-    parse_time,
-    read_usage,
-    summarize,
-)
+from scaler.costcmd import UsageRecord, log_files, read_usage, summarize
+from scaler.logs import parse_since, parse_time
 from tidegate.cli import main
 
 HOUR = 3600.0

@@ -31,7 +31,6 @@ import contextlib
 import http.client
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -500,61 +499,11 @@ def _until(
         time.sleep(poll_s)
 
 
-@dataclass(slots=True)
-class _Tidegate:
-    """The running `tidegate up`: where to send requests, and its process."""
-
-    proc: procs.Proc
-    port: int
-    metrics_port: int
-
-    def check_alive(self) -> None:
-        if self.proc.exited():
-            raise procs.StartError(f"tidegate up exited:\n{self.proc.log_tail()}")
+def _start_tidegate(ws: procs.Workspace, service_path: Path) -> procs.TidegateUp:
+    return procs.start_tidegate_up(ws, service_path, "bench-coldstart", _READY_TIMEOUT_S)
 
 
-def _tidegate_argv(service_path: Path, port: int, metrics_port: int, state_dir: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "tidegate",
-        "up",
-        str(service_path),
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--metrics-listen",
-        f"127.0.0.1:{metrics_port}",
-        # the process runtime's records; kept out of /var/lib (docker needs none)
-        "--state-dir",
-        str(state_dir),
-    ]
-
-
-def _start_tidegate(ws: procs.Workspace, service_path: Path) -> _Tidegate:
-    """`tidegate up` for the service, output to a log in the workspace; ready at /-/ready 200."""
-    port, metrics_port = procs.free_port(), procs.free_port()
-    argv = _tidegate_argv(service_path, port, metrics_port, ws.path("state"))
-    # its own control socket: `tidegate status` or `pause` meant for a real scaler on this
-    # host must not reach the benchmark's, nor the benchmark take the default path; and its
-    # own scope, so it neither adopts nor removes anyone else's containers
-    argv += ["--scaler-socket", str(ws.path("scaler.sock")), "--scope", "bench-coldstart"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    # The log file is drained by nobody and never fills a pipe: tidegate cannot block on it.
-    proc = ws.spawn("tidegate", argv, env=env, cwd=_REPO_ROOT)
-
-    def ready() -> bool:
-        try:
-            status, _ = _get(metrics_port, _PROBE_TIMEOUT_S, "/-/ready")
-        except (OSError, http.client.HTTPException):
-            return False
-        return status == 200
-
-    # procs' own readiness loop: a deadline, a backoff, and the log tail if it exits.
-    procs._wait_ready(proc, ready, _READY_TIMEOUT_S, "/-/ready")
-    return _Tidegate(proc, port, metrics_port)
-
-
-def _wait_quiet(client: Any, tidegate: _Tidegate) -> None:
+def _wait_quiet(client: Any, tidegate: procs.TidegateUp) -> None:
     """Until no container of the bench or the service exists, then a short settle."""
     _until(
         lambda: not _ours(client),
@@ -613,7 +562,7 @@ def _time_bare(client: Any, image: str) -> float:
                 container.remove(force=True, v=True)
 
 
-def _time_tidegate(tidegate: _Tidegate) -> float:
+def _time_tidegate(tidegate: procs.TidegateUp) -> float:
     """ms from connecting to the ingress to the full response of a cold request."""
     t0 = time.perf_counter()
     try:
@@ -632,7 +581,7 @@ def _time_tidegate(tidegate: _Tidegate) -> float:
 
 
 def _run_steps(
-    client: Any, image: str, tidegate: _Tidegate, steps: Sequence[Step]
+    client: Any, image: str, tidegate: procs.TidegateUp, steps: Sequence[Step]
 ) -> Iterator[Sample]:
     for i, step in enumerate(steps, 1):
         _wait_quiet(client, tidegate)

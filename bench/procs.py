@@ -38,6 +38,7 @@ __all__ = [
     "Endpoint",
     "Proc",
     "StartError",
+    "TidegateUp",
     "Workspace",
     "free_port",
     "plan_cpus",
@@ -45,6 +46,7 @@ __all__ = [
     "start_haproxy",
     "start_nginx_proxy",
     "start_tidegate",
+    "start_tidegate_up",
     "tidegate_command",
 ]
 
@@ -455,3 +457,58 @@ def start_tidegate(
     _wait_ready(proc, ready, _READY_TIMEOUT_S, "/-/ready")
     _check_answers(proc, port)
     return Endpoint(name, port, proc)
+
+
+@dataclass(frozen=True, slots=True)
+class TidegateUp:
+    """A running `tidegate up`: where to send requests, its control socket, its process."""
+
+    proc: Proc
+    port: int
+    metrics_port: int
+    socket: Path
+
+    def check_alive(self) -> None:
+        if self.proc.exited():
+            raise StartError(f"tidegate up exited:\n{self.proc.log_tail()}")
+
+
+def start_tidegate_up(
+    ws: Workspace, service_path: Path, scope: str, ready_timeout_s: float
+) -> TidegateUp:
+    """`tidegate up` for ``service_path``, output to a log in the workspace; ready when
+    /-/ready is 200. Its state, control socket and scope are its own: `tidegate status` or
+    `pause` meant for a real scaler on this host never reach it, and it neither adopts nor
+    removes anyone else's containers, nor they its."""
+    port, metrics_port = free_port(), free_port()
+    socket = ws.path("scaler.sock")
+    argv = [
+        sys.executable,
+        "-m",
+        "tidegate",
+        "up",
+        str(service_path),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--metrics-listen",
+        f"127.0.0.1:{metrics_port}",
+        "--state-dir",
+        str(ws.path("state")),  # the process runtime's records; docker needs none
+        "--scaler-socket",
+        str(socket),
+        "--scope",
+        scope,
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # The log file is drained by nobody and never fills a pipe: tidegate cannot block on it.
+    proc = ws.spawn("tidegate", argv, env=env, cwd=_REPO_ROOT)
+
+    def ready() -> bool:
+        try:
+            status, _ = _get(metrics_port, "/-/ready")
+        except (OSError, http.client.HTTPException):
+            return False
+        return status == 200
+
+    _wait_ready(proc, ready, ready_timeout_s, "/-/ready")
+    return TidegateUp(proc, port, metrics_port, socket)

@@ -28,10 +28,8 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import http.client
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -98,10 +96,8 @@ _DEFAULTS: dict[str, Any] = {
 # scale_down_delay plus the instances' stop.
 _COOL_DOWN_MAX_EXTRA_S = 90.0
 _DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-_REPO_ROOT = Path(__file__).resolve().parent.parent
 _READY_TIMEOUT_S = 30.0  # tidegate up until /-/ready is 200 and the service is listed
 _STATUS_TIMEOUT_S = 2.0  # one status call to the scaler
-_PROBE_TIMEOUT_S = 1.0
 _MAX_LISTED_FAILURES = 200  # failed requests listed one by one in the JSON
 
 
@@ -830,63 +826,8 @@ def server_counts(metrics_text: str, service: str = SERVICE) -> dict[str, Any]:
 # --- the shell: Docker, tidegate, the load and the sampler ---------------------------------
 
 
-@dataclass(slots=True)
-class _Tidegate:
-    proc: procs.Proc
-    port: int
-    metrics_port: int
-    socket: Path
-
-    def check_alive(self) -> None:
-        if self.proc.exited():
-            raise procs.StartError(f"tidegate up exited:\n{self.proc.log_tail()}")
-
-
-def _get(port: int, path: str) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=_PROBE_TIMEOUT_S)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
-
-
-def _start_tidegate(ws: procs.Workspace, service_path: Path) -> _Tidegate:
-    """`tidegate up` for the service in its own scope and socket; ready at /-/ready 200."""
-    port, metrics_port = procs.free_port(), procs.free_port()
-    socket = ws.path("scaler.sock")
-    argv = [
-        sys.executable,
-        "-m",
-        "tidegate",
-        "up",
-        str(service_path),
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--metrics-listen",
-        f"127.0.0.1:{metrics_port}",
-        "--state-dir",
-        str(ws.path("state")),
-        # its own control socket and scope: it never talks to, adopts or removes anything of
-        # another tidegate on this host, nor they of it
-        "--scaler-socket",
-        str(socket),
-        "--scope",
-        SCOPE,
-    ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = ws.spawn("tidegate", argv, env=env, cwd=_REPO_ROOT)
-
-    def ready() -> bool:
-        try:
-            status, _ = _get(metrics_port, "/-/ready")
-        except (OSError, http.client.HTTPException):
-            return False
-        return status == 200
-
-    procs._wait_ready(proc, ready, _READY_TIMEOUT_S, "/-/ready")
-    return _Tidegate(proc, port, metrics_port, socket)
+def _start_tidegate(ws: procs.Workspace, service_path: Path) -> procs.TidegateUp:
+    return procs.start_tidegate_up(ws, service_path, SCOPE, _READY_TIMEOUT_S)
 
 
 def _ours(client: Any) -> list[Any]:
@@ -934,7 +875,7 @@ async def _status(api: Any) -> Any:
     return status
 
 
-async def _wait_listed(api: Any, tg: _Tidegate) -> None:
+async def _wait_listed(api: Any, tg: procs.TidegateUp) -> None:
     """Until the scaler's API answers with the service, at zero instances."""
     from ingress.control import ControlError
 
@@ -959,7 +900,7 @@ async def _sampler(
     gen: LoadGenerator,
     samples: list[Sample],
     interval_s: float,
-    tg: _Tidegate,
+    tg: procs.TidegateUp,
     on_second: Callable[[int], None],
 ) -> None:
     """Every `interval_s`: the scaler's view; at each whole second, `on_second(previous)`."""
@@ -992,7 +933,9 @@ async def _scrape_metrics(port: int) -> str:
         return await resp.text()
 
 
-async def _drive(tg: _Tidegate, phases: Sequence[Phase], args: argparse.Namespace) -> RunData:
+async def _drive(
+    tg: procs.TidegateUp, phases: Sequence[Phase], args: argparse.Namespace
+) -> RunData:
     """The run: wait for the service at zero, then the phases with the sampler beside them."""
     from scaler.api import ScalerClient
 

@@ -10,7 +10,7 @@ soon as it is encoded, so the next request's reuses the same (cached) memory.
 What it costs, measured (``bench proxy``, ``tidegate+log``): on one busy core, every half
 microsecond per request is about 1% of throughput. Formatting in Python, line by line, in the
 writer thread cost 19%; in slices on the loop, 9%; this shape is no cheaper within the
-benchmark's noise (7-12%), most of it in making the Entry (five decodes and fifteen fields).
+benchmark's noise (7-14%), most of it in making the Entry (five decodes and fifteen fields).
 
 A slow destination (a full pipe, a stalled disk) never blocks the loop: blocks wait in a
 bounded queue, and past ``max_pending`` blocks new records are dropped and counted
@@ -46,8 +46,8 @@ _log = logging.getLogger(__name__)
 
 class Entry(msgspec.Struct, gc=False):
     """One request's line, fields in the line's order (what the README documents).
-    ``gc=False``: it holds no containers, so the collector need not track the thousands
-    waiting to be written."""
+    ``gc=False``: it holds no containers, so the collector need not track it for the moment
+    it lives (made, encoded, freed)."""
 
     time: str  # arrival, RFC 3339 UTC with milliseconds (AccessLog.stamp_at)
     request_id: str

@@ -22,8 +22,13 @@ The rules (the policy is the service file's ``health_check``, contract section 1
   the loopback costs a few microseconds, so this is cheap. Never-healthy instances are not
   judged by ``unhealthy_threshold``: they get a start deadline (``health_check.start_timeout``,
   60 s by default) and :attr:`HealthChange.START_TIMEOUT` if they are not healthy by then.
-- A TCP check passes when the connection is accepted *and stays open* for ``TCP_SETTLE``:
-  a proxy in front of a port (Docker's userland proxy) accepts even when nothing listens.
+- A TCP check passes when the connection is accepted *and stays open* for a settle time: a
+  proxy in front of a port (Docker's userland proxy) accepts even when nothing listens, then
+  closes. How fast it closes depends on how busy the host is (0.3 ms idle, up to 10 ms with
+  the CPUs saturated), so the settle time is not a constant: :class:`CloseDelays` keeps the
+  recent close delays and asks for ``SETTLE_FACTOR`` times the slowest, never less than
+  ``TCP_SETTLE`` (for a load that has only just begun) nor more than ``TCP_SETTLE_MAX``. Only
+  a passing probe waits the settle time out, so it costs a cold start once.
 - Once it has been healthy, it is probed every ``interval`` and becomes unhealthy after
   ``unhealthy_threshold`` failures in a row; it can become healthy again the same way.
 - Intervals run from the end of one probe to the start of the next, so at most one probe per
@@ -33,6 +38,7 @@ The rules (the policy is the service file's ``health_check``, contract section 1
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import logging
@@ -50,6 +56,7 @@ from scaler.spec import HealthCheckSpec
 __all__ = [
     "DEFAULT_START_TIMEOUT",
     "FAST_PROBE_INTERVAL",
+    "CloseDelays",
     "HealthChange",
     "HealthChecker",
     "HealthTracker",
@@ -59,9 +66,15 @@ __all__ = [
 ]
 
 FAST_PROBE_INTERVAL = 0.010  # seconds between probes until first healthy (10 to 20 ms asked)
-# seconds an accepted probe connection must stay open: a proxy in front of a port nobody
-# listens on closes it within a millisecond; waiting longer only delays every cold start
-TCP_SETTLE = 0.002
+# Seconds an accepted probe connection must stay open, at least. A proxy in front of a port
+# nobody listens on closes within a millisecond on an idle host, but with both CPUs busy 9%
+# of its closes took over 2 ms and the slowest of 500 took 9.3 ms: a 2 ms wait let a
+# never-listening app pass. The floor covers a load that starts between two probes; a
+# sustained one raises the settle time through CloseDelays.
+TCP_SETTLE = 0.010
+TCP_SETTLE_MAX = 0.100  # the settle time's ceiling, also the most a cold start pays for it
+SETTLE_FACTOR = 4.0  # settle time: this many times the slowest recent close
+CLOSE_WINDOW = 64  # how many recent close delays count
 DEFAULT_START_TIMEOUT = 60.0  # seconds an instance may take to become healthy the first time
 _USER_AGENT = "tidegate-health-check"
 
@@ -149,24 +162,65 @@ class HealthTracker:
         return max(now, self._next_probe)
 
 
+class CloseDelays:
+    """The close delays of a proxy in front of ports nobody listens on, recently; and from
+    them how long a TCP probe must hold an accepted connection before it believes that an app
+    accepted it. Pure: it is told each delay."""
+
+    def __init__(
+        self,
+        *,
+        floor: float = TCP_SETTLE,
+        ceiling: float = TCP_SETTLE_MAX,
+        factor: float = SETTLE_FACTOR,
+        window: int = CLOSE_WINDOW,
+    ) -> None:
+        if not 0 < floor <= ceiling:
+            raise ValueError(f"need 0 < floor <= ceiling (got {floor}, {ceiling})")
+        self._floor = floor
+        self._ceiling = ceiling
+        self._factor = factor
+        self._delays: collections.deque[float] = collections.deque(maxlen=window)
+
+    def record(self, delay: float) -> None:
+        """A probe's accepted connection was closed by the peer ``delay`` seconds later."""
+        self._delays.append(delay)
+
+    def settle(self) -> float:
+        """Seconds a probe should hold an accepted connection now."""
+        slowest = max(self._delays, default=0.0)
+        return min(self._ceiling, max(self._floor, self._factor * slowest))
+
+
 class ProbeResult(msgspec.Struct, frozen=True):
-    """One probe's outcome; ``detail`` says what was seen ("status 503", "connection refused")."""
+    """One probe's outcome; ``detail`` says what was seen ("status 503", "connection refused").
+
+    ``closed_after``: for a TCP probe whose accepted connection the peer closed within the
+    settle time, how many seconds that took (a proxy's close delay, for :class:`CloseDelays`).
+    """
 
     ok: bool
     detail: str
+    closed_after: float | None = None
 
 
 async def probe(
-    address: str, policy: HealthCheckSpec, *, session: aiohttp.ClientSession | None = None
+    address: str,
+    policy: HealthCheckSpec,
+    *,
+    session: aiohttp.ClientSession | None = None,
+    settle: float = TCP_SETTLE,
 ) -> ProbeResult:
     """Check the instance at ``address`` ("host:port") once, as ``policy`` says, within its
     timeout. ``session`` is used for http checks when given (one is made for the check when
-    not); every check opens a new connection, so it proves the instance still accepts them."""
+    not); every check opens a new connection, so it proves the instance still accepts them.
+    ``settle``: how long a tcp check holds an accepted connection (see :class:`CloseDelays`);
+    at most half the timeout is used, so a held connection is never a timeout."""
     try:
         async with asyncio.timeout(policy.timeout):
             if policy.protocol == "http":
                 return await _probe_http(address, policy.path, session)
-            return await _probe_tcp(address)
+            return await _probe_tcp(address, min(settle, policy.timeout / 2))
     except TimeoutError:
         return ProbeResult(False, f"timeout after {policy.timeout:g}s")
     except aiohttp.ClientConnectorError as exc:
@@ -195,23 +249,26 @@ class _Held(asyncio.Protocol):
             self._closed.set_result(None)
 
 
-async def _probe_tcp(address: str) -> ProbeResult:
+async def _probe_tcp(address: str, settle: float) -> ProbeResult:
     host, port = _split_address(address)
     loop = asyncio.get_running_loop()
     closed: asyncio.Future[None] = loop.create_future()
     transport, _ = await loop.create_connection(lambda: _Held(closed), host, port)
+    # time.monotonic, not loop.time(): uvloop's is a cached 1 ms tick, and closes take less
+    accepted = time.monotonic()
     try:
         # An accepted connection does not prove the app listens: Docker's userland proxy
-        # accepts on a published port, then closes at once when nothing answers inside the
-        # container (within a fraction of a millisecond here). A connection still open after
-        # TCP_SETTLE is one the app itself holds.
+        # accepts on a published port, then closes when nothing answers inside the
+        # container. A connection still open after the settle time is one the app holds.
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(TCP_SETTLE):
+            async with asyncio.timeout(settle):
                 await asyncio.shield(closed)
     finally:
         transport.close()
     if closed.done():
-        return ProbeResult(False, "accepted a connection and closed it at once")
+        return ProbeResult(
+            False, "accepted a connection and closed it at once", time.monotonic() - accepted
+        )
     return ProbeResult(True, "accepted a connection")
 
 
@@ -250,7 +307,13 @@ class ProbeFunction(Protocol):
     """The shape of :func:`probe`, so tests can give the checker a scripted one."""
 
     def __call__(
-        self, address: str, policy: HealthCheckSpec, /, *, session: aiohttp.ClientSession | None
+        self,
+        address: str,
+        policy: HealthCheckSpec,
+        /,
+        *,
+        session: aiohttp.ClientSession | None,
+        settle: float,
     ) -> Awaitable[ProbeResult]: ...
 
 
@@ -284,6 +347,8 @@ class HealthChecker:
         self._start_timeout = start_timeout
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._closed = False
+        # one for every instance: how fast a proxy closes depends on the host, not the app
+        self._close_delays = CloseDelays()
 
     def watched(self) -> frozenset[str]:
         """The instance ids being probed now."""
@@ -360,7 +425,12 @@ class HealthChecker:
                 self._own_session = aiohttp.ClientSession()
             session = self._own_session
         try:
-            return await self._probe(address, policy, session=session)
+            result = await self._probe(
+                address, policy, session=session, settle=self._close_delays.settle()
+            )
         except Exception as exc:  # a bad address, a bug: a failed check, never a dead task
             _log.exception("health check of %s raised", address)
             return ProbeResult(False, f"probe error: {exc!r}")
+        if result.closed_after is not None:
+            self._close_delays.record(result.closed_after)
+        return result

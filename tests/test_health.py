@@ -21,6 +21,9 @@ from aiohttp import web
 from scaler.health import (
     DEFAULT_START_TIMEOUT,
     FAST_PROBE_INTERVAL,
+    TCP_SETTLE,
+    TCP_SETTLE_MAX,
+    CloseDelays,
     HealthChange,
     HealthChecker,
     HealthTracker,
@@ -277,7 +280,72 @@ async def test_tcp_probe_fails_when_the_connection_is_closed_at_once() -> None:
     server = await asyncio.start_server(on_client, "127.0.0.1", 0)
     async with server:
         result = await probe(address_of(server.sockets[0]), policy(protocol="tcp"), session=None)
-    assert result == ProbeResult(False, "accepted a connection and closed it at once")
+    assert (result.ok, result.detail) == (False, "accepted a connection and closed it at once")
+    assert result.closed_after is not None and 0 <= result.closed_after < TCP_SETTLE
+
+
+@pytest.mark.both_loops
+async def test_tcp_probe_waits_the_settle_time_for_a_slow_close() -> None:
+    """A proxy that takes 5 ms to close is caught by a probe told to hold for much longer,
+    and the probe says how long the close took."""
+    close_after = 0.005
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        asyncio.get_running_loop().call_later(close_after, writer.close)
+
+    server = await asyncio.start_server(on_client, "127.0.0.1", 0)
+    async with server:
+        spec = policy(protocol="tcp", timeout=2.0)
+        result = await probe(address_of(server.sockets[0]), spec, session=None, settle=0.5)
+    assert (result.ok, result.detail) == (False, "accepted a connection and closed it at once")
+    assert result.closed_after is not None and close_after <= result.closed_after < 0.5
+
+
+@pytest.mark.both_loops
+async def test_tcp_probe_holds_at_most_half_the_timeout() -> None:
+    """A settle time longer than the check's timeout would make every check a timeout."""
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    async with server:
+        spec = policy(protocol="tcp", timeout=0.05)
+        result = await probe(address_of(server.sockets[0]), spec, session=None, settle=10.0)
+    assert result == ProbeResult(True, "accepted a connection")
+
+
+# --- CloseDelays: the settle time, pure -------------------------------------------------------
+
+
+def test_settle_is_the_floor_until_a_close_is_seen() -> None:
+    assert CloseDelays().settle() == TCP_SETTLE
+
+
+@pytest.mark.parametrize(
+    ("delays", "expected"),
+    [
+        pytest.param([0.0003, 0.0005], 0.010, id="fast-closes-keep-the-floor"),
+        pytest.param([0.0003, 0.006, 0.001], 0.024, id="four-times-the-slowest"),
+        pytest.param([0.2], 0.100, id="never-above-the-ceiling"),
+    ],
+)
+def test_settle_follows_the_slowest_recent_close(delays: list[float], expected: float) -> None:
+    closes = CloseDelays(floor=0.010, ceiling=0.100, factor=4)
+    for delay in delays:
+        closes.record(delay)
+    assert closes.settle() == pytest.approx(expected)
+
+
+def test_settle_forgets_closes_outside_the_window() -> None:
+    closes = CloseDelays(floor=0.001, factor=2, window=3)
+    closes.record(0.02)
+    for _ in range(2):
+        closes.record(0.001)
+    assert closes.settle() == pytest.approx(0.04)
+    closes.record(0.001)  # the slow one is now four closes back
+    assert closes.settle() == pytest.approx(0.002)
+
+
+def test_settle_rejects_a_floor_above_the_ceiling() -> None:
+    with pytest.raises(ValueError, match="floor <= ceiling"):
+        CloseDelays(floor=0.2, ceiling=TCP_SETTLE_MAX)
 
 
 @pytest.mark.both_loops
@@ -395,7 +463,12 @@ class ScriptedProbe:
         self.max_in_flight = 0
 
     async def __call__(
-        self, address: str, spec: HealthCheckSpec, *, session: aiohttp.ClientSession | None
+        self,
+        address: str,
+        spec: HealthCheckSpec,
+        *,
+        session: aiohttp.ClientSession | None,
+        settle: float,
     ) -> ProbeResult:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -625,9 +698,14 @@ class CountingProbe:
         self.failing = asyncio.Event()
 
     async def __call__(
-        self, address: str, spec: HealthCheckSpec, *, session: aiohttp.ClientSession | None
+        self,
+        address: str,
+        spec: HealthCheckSpec,
+        *,
+        session: aiohttp.ClientSession | None,
+        settle: float,
     ) -> ProbeResult:
-        result = await probe(address, spec, session=session)
+        result = await probe(address, spec, session=session, settle=settle)
         if not result.ok:
             self.failures.append(result.detail)
             if len(self.failures) >= self.after:
@@ -671,6 +749,31 @@ async def test_checker_tcp_ready_within_milliseconds_of_listening() -> None:
         assert detail == "accepted a connection"
         assert set(counting.failures) == {"connection refused"}
         assert seen == [("i-1", HEALTHY, detail)]
+    finally:
+        await checker.close()
+
+
+@pytest.mark.both_loops
+async def test_checker_holds_longer_as_a_proxy_slows_down() -> None:
+    """A proxy with nothing behind it, closing each connection twice as late as the one
+    before (2, 4, 8 ... 64 ms): a busy host. Any fixed settle time below 64 ms would pass
+    it; the checker's grows with the closes it sees, so the instance never becomes HEALTHY."""
+    delays = iter(itertools.chain([0.002, 0.004, 0.008, 0.016, 0.032], itertools.repeat(0.064)))
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        asyncio.get_running_loop().call_later(next(delays), writer.close)
+
+    counting = CountingProbe(after=8)
+    checker = HealthChecker(probe=counting)
+    _, seen, on_change = change_future(HEALTHY)
+    server = await asyncio.start_server(on_client, "127.0.0.1", 0)
+    try:
+        async with server:
+            spec = policy(protocol="tcp", timeout=1.0)
+            checker.watch("i-1", address_of(server.sockets[0]), spec, on_change)
+            await asyncio.wait_for(counting.failing.wait(), 10)
+        assert seen == []
+        assert set(counting.failures) == {"accepted a connection and closed it at once"}
     finally:
         await checker.close()
 

@@ -43,6 +43,7 @@ import contextlib
 import enum
 import logging
 import math
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -263,6 +264,10 @@ async def _probe_tcp(address: str, settle: float) -> ProbeResult:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(settle):
                 await asyncio.shield(closed)
+        # A close that came while this process was not running may be unread: uvloop runs
+        # expired timers before it polls for I/O. Ask the socket itself.
+        if not closed.done() and _peer_closed(transport):
+            closed.set_result(None)
     finally:
         transport.close()
     if closed.done():
@@ -270,6 +275,20 @@ async def _probe_tcp(address: str, settle: float) -> ProbeResult:
             False, "accepted a connection and closed it at once", time.monotonic() - accepted
         )
     return ProbeResult(True, "accepted a connection")
+
+
+def _peer_closed(transport: asyncio.BaseTransport) -> bool:
+    """Whether the peer has closed (or reset) the connection, from what the socket holds."""
+    fd = transport.get_extra_info("socket").fileno()
+    sock = socket.socket(fileno=fd)  # borrowed: detached below, never closed here
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False  # nothing to read: still open
+    except OSError:
+        return True  # reset
+    finally:
+        sock.detach()
 
 
 async def _probe_http(

@@ -13,6 +13,20 @@ import uvloop
 from ingress.messages import InstanceSpec, ServiceRouting
 from ingress.server import Ingress, IngressSettings
 
+# A machine as bench.report describes it, for the report tests of every benchmark.
+BENCH_MACHINE: dict[str, Any] = {
+    "cpu_model": "Some CPU",
+    "nproc": 2,
+    "cpu_count": 2,
+    "kernel": "6.1",
+    "versions": {
+        "docker_engine": "27.0",
+        "docker_sdk": "7.1.0",
+        "python": "3.11.9",
+        "tidegate_commit": "abc1234",
+    },
+}
+
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
     """Tests marked both_loops run on the default loop and on uvloop; the rest on uvloop,

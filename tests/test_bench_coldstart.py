@@ -40,6 +40,7 @@ from bench.coldstart import (
     target_line,
 )
 from scaler.spec import load_service_files
+from tests.conftest import BENCH_MACHINE
 from tests.images import _docker_client, build_images
 
 _REPO = Path(__file__).resolve().parent.parent
@@ -190,18 +191,7 @@ def test_format_summary_shows_both_kinds_the_target_and_every_round() -> None:
 def _report(samples: list[Sample], missed: list[str] | None = None) -> ColdstartReport:
     return ColdstartReport(
         started_at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
-        machine={
-            "cpu_model": "Some CPU",
-            "nproc": 2,
-            "cpu_count": 2,
-            "kernel": "6.1",
-            "versions": {
-                "docker_engine": "27.0",
-                "docker_sdk": "7.1.0",
-                "python": "3.11.9",
-                "tidegate_commit": "abc1234",
-            },
-        },
+        machine=BENCH_MACHINE,
         settings={"rounds": 2, "warmup": 1, "settle_s": 0.5},
         commands={
             "tidegate": [

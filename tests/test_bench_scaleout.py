@@ -50,6 +50,7 @@ from bench.scaleout import (
     summarize,
 )
 from scaler.spec import load_service_files
+from tests.conftest import BENCH_MACHINE
 
 _REPO = Path(__file__).resolve().parent.parent
 
@@ -297,18 +298,7 @@ def _report(plot_name: str | None = None, missed: list[str] | None = None) -> Sc
     )
     return ScaleoutReport(
         started_at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
-        machine={
-            "cpu_model": "Some CPU",
-            "nproc": 2,
-            "cpu_count": 2,
-            "kernel": "6.1",
-            "versions": {
-                "docker_engine": "27.0",
-                "docker_sdk": "7.1.0",
-                "python": "3.11.9",
-                "tidegate_commit": "abc1234",
-            },
-        },
+        machine=BENCH_MACHINE,
         settings={
             "max_concurrency": 4,
             "max_size": 6,

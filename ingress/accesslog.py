@@ -1,6 +1,7 @@
 """The access log: one JSON line per request, written in blocks off the request path.
 
-When an exchange ends, after the response's last bytes went out, the proxy makes an
+When an exchange ends, after the response's last bytes went out (or when its connection
+closes first: the client gone, a malformed request, a tunnel's end), the proxy makes an
 :class:`Entry` and :meth:`AccessLog.record` encodes it at once, with one call into msgspec
 (C, which also does the JSON escaping and the nulls), onto the end of the block being
 filled. Every ``flush_interval`` or 64 KiB the block goes to one writer thread, which writes
@@ -53,12 +54,12 @@ class Entry(msgspec.Struct, gc=False):
     request_id: str
     trace_id: str | None  # None: the request went to no instance
     client: str
-    method: str
-    path: str
+    method: str | None  # None, and path too: the request's head never came whole (a 400 or 408)
+    path: str | None
     host: str | None  # None: an HTTP/1.0 request without Host
     service: str | None  # None: no service took the request
     instance: str | None
-    status: int
+    status: int  # 499: the client left before any answer (nothing was sent)
     bytes_in: int  # request body
     bytes_out: int  # response body from the instance
     queue_ms: float  # arrival to an instance's slot (to the end, if none was given)

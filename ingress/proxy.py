@@ -64,6 +64,8 @@ _PAUSE_UPGRADE = 8  # an upgrade request waits for the instance's answer
 # 0.40012499999999995. Deadlines stay on the loop's clock.
 _NS_PER_MS = 1e6  # divided by, not multiplied with 1e-6: division rounds the result once
 _S_PER_NS = 1e-9
+# nginx's status for a request whose client left before any answer; only ever logged
+_CLIENT_GONE = 499
 
 # What the connection's single deadline means right now.
 _DL_NONE = 0
@@ -285,8 +287,8 @@ class ClientConnection(asyncio.Protocol):
                 upstream.close()  # a tunnel's end: what the client sent last still goes
             else:
                 upstream.abort()  # nobody will read the answer: stop the instance's work
-        if self._tunnel and self._service is not None:
-            self._count_response(_clock())
+        if self._head is not None or self._status:
+            self._end_unfinished()
         self._release_slot()
         self._head = None
 
@@ -716,10 +718,12 @@ class ClientConnection(asyncio.Protocol):
         self._abort_upstream()
         self._release_slot()
         self._cancel_held()
-        request_id = self._request_id or new_request_id()
+        # the id the client sees is the one its log line carries (connection_lost logs it)
+        request_id = self._request_id = self._request_id or new_request_id()
         self._wbuf.append(error_response(status, request_id, reason, close=True))
         self._keep_alive = False
         self._status = status
+        self._count_rejected(status)
         self.flush()
         self._close()
 
@@ -761,21 +765,37 @@ class ClientConnection(asyncio.Protocol):
             self._request_done = True
         self._finish()
 
+    def _count_rejected(self, status: int) -> None:
+        if self._service is not None and self._head is not None:
+            self._count_response(_clock())
+        else:
+            self._ctx.router.unrouted[status // 100] += 1
+
     def _count_response(self, now: int) -> None:
         service = self._service
         assert service is not None
         service.codes[self._status // 100] += 1
         service.duration.observe((now - self._t0) * _S_PER_NS)
 
-    def _log_access(self, log: AccessLog, now: int) -> None:
+    def _end_unfinished(self) -> None:
+        """The connection closed with an exchange in progress: count and log it all the same.
+        What the client saw: the response's status if one was started or made (a tunnel's
+        101, a reject's 4xx), else 499 as nginx logs it, the client gone before an answer
+        (given up in the queue during a cold start, say) -- the line operators look for."""
+        now = _clock()
+        if self._tunnel and self._service is not None:
+            self._count_response(now)
+        log = self._ctx.access_log
+        if log is not None:
+            self._log_access(log, now, self._status or _CLIENT_GONE)
+
+    def _log_access(self, log: AccessLog, now: int, status: int = 0) -> None:
         head = self._head
-        if head is None:
-            return
-        t0 = self._t0
+        t0 = self._t0 if head is not None else now  # no head: the time it was given up on
         granted = self._t_grant
         answered = self._t_head
         service = self._service
-        host = head.host
+        host = head.host if head is not None else None
         trace = self._trace
         # Texts are ASCII (the parser and forward.py check: visible ASCII, or hex we made),
         # so decode() cannot fail; msgspec escapes what JSON needs.
@@ -785,12 +805,12 @@ class ClientConnection(asyncio.Protocol):
                 self._request_id.decode(),
                 trace.decode() if trace else None,
                 self._client,
-                head.method.decode(),
-                head.target.decode(),
+                head.method.decode() if head is not None else None,
+                head.target.decode() if head is not None else None,
                 host.decode() if host else None,
                 service.name if service is not None else None,
                 self._instance_id,
-                self._status,
+                status or self._status,
                 self._body_size,
                 self._bytes_out,
                 ((granted if granted >= 0 else now) - t0) / _NS_PER_MS,

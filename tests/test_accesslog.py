@@ -212,3 +212,48 @@ def test_the_access_log_is_on_by_default_and_off_with_a_flag() -> None:
         "/var/log/tidegate/access.log"
     )
     assert settings("--no-access-log") is None
+
+
+async def test_requests_that_end_without_a_whole_response_are_logged_too(tmp_path: Path) -> None:
+    """A line for every request, not only those that got a whole response: a client that
+    gives up in the queue (499, as nginx logs it: what a cold start that took too long looks
+    like), a malformed request (the 400 and the id the client got; no method or path, as the
+    head never came whole) and a WebSocket the client closed (101). The reject is counted."""
+    path = tmp_path / "access.log"
+    async with running_backends(1) as (backend,):
+        svc = routing(queue_timeout=30.0)
+        async with running_ingress([svc], access_log=str(path)) as ingress:
+            service = ingress.router.service("svc")
+            assert service is not None
+            host, port = ingress.http_addresses[0]
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"GET /waiting HTTP/1.1\r\nHost: h.test\r\n\r\n")
+            await wait_for(lambda: service.balancer.queued == 1, 5, "the request held")
+            writer.close()  # no instance came in time for this client
+            await wait_for(lambda: service.balancer.queued == 0, 5, "the request given up")
+            answer = await raw_exchange(ingress, b"GET / HTTP/1.1\r\nHost h.test\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 400 "), answer
+            rejected_id = re.search(rb"(?i)x-request-id: (\S+)", answer)
+            assert rejected_id is not None, answer
+            assert ingress.router.unrouted[4] == 1
+            ingress.router.put_instances("svc", [InstanceSpec(id="svc-a", address=backend.address)])
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(
+                b"GET /ws HTTP/1.1\r\nHost: h.test\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            )
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 101 "), head
+            writer.close()  # the client hangs up: the tunnel ends on its side
+            await wait_for(lambda: service.codes[1] == 1, 5, "the tunnel counted at its end")
+    records = lines(path)  # the ingress is closed: everything is written
+    assert [r["status"] for r in records] == [499, 400, 101]
+    gone, rejected, tunnel = records
+    assert (gone["method"], gone["path"], gone["service"]) == ("GET", "/waiting", "svc")
+    assert (gone["instance"], gone["upstream_ms"]) == (None, None)
+    assert gone["queue_ms"] > 0 and gone["total_ms"] >= gone["queue_ms"]
+    assert rejected["request_id"] == rejected_id.group(1).decode()
+    assert (rejected["method"], rejected["path"], rejected["service"]) == (None, None, None)
+    assert (tunnel["path"], tunnel["instance"]) == ("/ws", "svc-a")
+    assert tunnel["upstream_ms"] is not None

@@ -21,8 +21,11 @@ a gap in the log.
 Times: a line's ``time`` is the request's arrival, RFC 3339 UTC with milliseconds. The proxy
 measures in ``time.monotonic_ns()``; :meth:`AccessLog.stamp_at` turns that into text, and the
 text of the current millisecond is kept (:attr:`AccessLog.stamp`, valid for monotonic times in
-``[stamp_from, stamp_until)``), so most requests reuse it. Durations are milliseconds from
-integer nanoseconds, so they carry no float noise (``0.400125``).
+``[stamp_from, stamp_until)``), so most requests reuse it. With 50 connections, about half the
+lines finish after a newer request moved that on (measured: 20,000 ``stamp_at`` calls for
+35,500 lines), so the texts of recent milliseconds are kept too, and the clocks' offset is
+read only for a millisecond not seen yet (a call went from 1.7 to 0.57 µs). Durations are
+milliseconds from integer nanoseconds, so they carry no float noise (``0.400125``).
 
 ``reopen()`` (SIGUSR1) makes the writer close and reopen the file before its next write, so
 logrotate can move the file away and signal; standard output is never reopened.
@@ -67,6 +70,7 @@ class Entry(msgspec.Struct, gc=False):
     total_ms: float  # arrival to the response's last byte
 
 
+_STAMPS_KEPT = 4096  # milliseconds' texts kept, then dropped all at once (a miss only formats)
 _HAND_BYTES = 64 * 1024  # bytes handed to the writer at once (else at the flush interval)
 
 _encode_into = msgspec.json.Encoder().encode_into
@@ -94,6 +98,12 @@ class AccessLog:
         self.stamp_until = -1
         self._second = -1
         self._date = ""  # the text of _second, to which stamps add the milliseconds
+        # wall-clock minus monotonic time, read again at each new millisecond (the wall clock
+        # may step), and the texts of recent wall-clock milliseconds: with many connections,
+        # half the lines finish after a newer request set `stamp`, and formatting their time
+        # anew cost more than the rest of the line
+        self._offset = time.time_ns() - time.monotonic_ns()
+        self._stamps: dict[int, str] = {}
         self._buf = bytearray()  # lines not handed over yet
         self._buf_records = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -117,17 +127,28 @@ class AccessLog:
     def stamp_at(self, monotonic_ns: int) -> str:
         """The RFC 3339 text of a ``time.monotonic_ns()`` time; it becomes :attr:`stamp`
         unless it is older than that (a long request finishing among short ones)."""
-        offset = time.time_ns() - time.monotonic_ns()  # read again: the wall clock may step
+        offset = self._offset
         ms = (monotonic_ns + offset) // 1_000_000
-        second, millis = divmod(ms, 1000)
-        if second != self._second:
-            self._second = second
-            self._date = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        text = f"{self._date}.{millis:03d}Z"
+        text = self._stamps.get(ms)
+        if text is None:  # a millisecond not seen yet (the first of a new one, mostly)
+            self._offset = offset = time.time_ns() - time.monotonic_ns()
+            ms = (monotonic_ns + offset) // 1_000_000
+            text = self._format(ms)
         if monotonic_ns >= self.stamp_until:
             self.stamp = text
             self.stamp_from = ms * 1_000_000 - offset
             self.stamp_until = self.stamp_from + 1_000_000
+        return text
+
+    def _format(self, ms: int) -> str:
+        stamps = self._stamps
+        if len(stamps) >= _STAMPS_KEPT:
+            stamps.clear()
+        second, millis = divmod(ms, 1000)
+        if second != self._second:
+            self._second = second
+            self._date = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        text = stamps[ms] = f"{self._date}.{millis:03d}Z"
         return text
 
     def record(self, entry: Entry) -> None:

@@ -93,6 +93,26 @@ def test_stamps_are_arrival_times_kept_per_millisecond(monkeypatch: pytest.Monke
     assert log.stamp == "2025-11-26T12:00:01.000Z"
 
 
+def test_a_stepped_wall_clock_shows_from_the_next_new_millisecond(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Texts are kept per wall-clock millisecond and the clocks' offset is read again only
+    for a millisecond not seen yet: a step of the wall clock shows from the next one, and a
+    millisecond's text never changes. However many are kept, each time still gets its own."""
+    s = 1_000_000_000  # ns
+    wall = [1_764_158_400 * s]  # 2025-11-26T12:00:00Z
+    monkeypatch.setattr(time, "time_ns", lambda: wall[0])
+    monkeypatch.setattr(time, "monotonic_ns", lambda: 1000 * s)
+    log = AccessLog("-")
+    assert log.stamp_at(1000 * s) == "2025-11-26T12:00:00.000Z"
+    wall[0] += 3600 * s  # NTP steps the wall clock an hour ahead
+    assert log.stamp_at(1000 * s + 999_999) == "2025-11-26T12:00:00.000Z"
+    assert log.stamp_at(1000 * s + 1_000_000) == "2025-11-26T13:00:00.001Z"
+    for ms in range(2, 10_000):
+        expected = f"2025-11-26T13:00:{ms // 1000:02d}.{ms % 1000:03d}Z"
+        assert log.stamp_at(1000 * s + ms * 1_000_000) == expected
+
+
 async def test_records_are_written_in_batches_and_reopened_for_logrotate(tmp_path: Path) -> None:
     path = tmp_path / "access.log"
     log = AccessLog(str(path), flush_interval=0.01)

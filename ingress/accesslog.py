@@ -8,10 +8,15 @@ filled. Every ``flush_interval`` or 64 KiB the block goes to one writer thread, 
 it with one ``write``. Nothing waits as objects between requests: the Entry is freed as
 soon as it is encoded, so the next request's reuses the same (cached) memory.
 
-What it costs, measured (``bench proxy``, ``tidegate+log``): on one busy core, every half
-microsecond per request is about 1% of throughput. Formatting in Python, line by line, in the
-writer thread cost 19%; in slices on the loop, 9%; this shape is no cheaper within the
-benchmark's noise (7-14%), most of it in making the Entry (five decodes and fifteen fields).
+What it costs, measured (``bench proxy``, ``tidegate+log``, small bodies, 50 connections):
+5-15% of throughput, the spread being the benchmark's noise. Formatting in Python, line by
+line, in the writer thread cost 19%; in slices on the loop, 9%. Same-run comparisons (per
+request CPU from /proc) put the cost in the process's own work on the loop, not in the
+hand-over: writing on the loop with no thread, formatting in batches of 256, or writing to
+/dev/null cost the same within the noise; making the Entry without encoding it cost about
+half. In the process, that work runs several times slower than the same code measured alone
+(about 3 µs a line), as every request's Python runs with caches the kernel's networking has
+just emptied, so its share is roughly its share of the instructions (7%).
 
 A slow destination (a full pipe, a stalled disk) never blocks the loop: blocks wait in a
 bounded queue, and past ``max_pending`` blocks new records are dropped and counted

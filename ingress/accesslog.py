@@ -62,7 +62,7 @@ class Entry(msgspec.Struct, gc=False):
     request_id: str
     trace_id: str | None  # None: the request went to no instance
     client: str
-    method: str | None  # None, and path too: the request's head never came whole (a 400 or 408)
+    method: str | None  # None, and path too: the head never came whole (the ingress's 4xx/5xx)
     path: str | None
     host: str | None  # None: an HTTP/1.0 request without Host
     service: str | None  # None: no service took the request

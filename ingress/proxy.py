@@ -723,7 +723,7 @@ class ClientConnection(asyncio.Protocol):
         self._wbuf.append(error_response(status, request_id, reason, close=True))
         self._keep_alive = False
         self._status = status
-        self._count_rejected(status)
+        self._count_end(_clock())
         self.flush()
         self._close()
 
@@ -765,11 +765,12 @@ class ClientConnection(asyncio.Protocol):
             self._request_done = True
         self._finish()
 
-    def _count_rejected(self, status: int) -> None:
-        if self._service is not None and self._head is not None:
-            self._count_response(_clock())
-        else:
-            self._ctx.router.unrouted[status // 100] += 1
+    def _count_end(self, now: int) -> None:
+        """A response went out whole (made here or by an instance): by service, or unrouted."""
+        if self._service is not None:
+            self._count_response(now)
+        elif self._status:
+            self._ctx.router.unrouted[self._status // 100] += 1
 
     def _count_response(self, now: int) -> None:
         service = self._service
@@ -787,9 +788,11 @@ class ClientConnection(asyncio.Protocol):
             self._count_response(now)
         log = self._ctx.access_log
         if log is not None:
-            self._log_access(log, now, self._status or _CLIENT_GONE)
+            if not self._status:
+                self._status = _CLIENT_GONE  # the exchange is over: only the line reads it
+            self._log_access(log, now)
 
-    def _log_access(self, log: AccessLog, now: int, status: int = 0) -> None:
+    def _log_access(self, log: AccessLog, now: int) -> None:
         head = self._head
         t0 = self._t0 if head is not None else now  # no head: the time it was given up on
         granted = self._t_grant
@@ -810,7 +813,7 @@ class ClientConnection(asyncio.Protocol):
                 host.decode() if host else None,
                 service.name if service is not None else None,
                 self._instance_id,
-                status or self._status,
+                self._status,
                 self._body_size,
                 self._bytes_out,
                 ((granted if granted >= 0 else now) - t0) / _NS_PER_MS,
@@ -846,10 +849,7 @@ class ClientConnection(asyncio.Protocol):
         # The response's last bytes go out first, the bookkeeping after: the client (and
         # whatever runs on the other cores) gets on with it while this core counts and logs.
         self.flush()
-        if self._service is not None:
-            self._count_response(now)
-        elif self._status:
-            self._ctx.router.unrouted[self._status // 100] += 1
+        self._count_end(now)
         log = self._ctx.access_log
         if log is not None:
             self._log_access(log, now)

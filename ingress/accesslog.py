@@ -1,22 +1,23 @@
 """The access log: one JSON line per request, written in blocks off the request path.
 
 When an exchange ends, after the response's last bytes went out (or when its connection
-closes first: the client gone, a malformed request, a tunnel's end), the proxy makes an
-:class:`Entry` and :meth:`AccessLog.record` encodes it at once, with one call into msgspec
-(C, which also does the JSON escaping and the nulls), onto the end of the block being
-filled. Every ``flush_interval`` or 64 KiB the block goes to one writer thread, which writes
-it with one ``write``. Nothing waits as objects between requests: the Entry is freed as
-soon as it is encoded, so the next request's reuses the same (cached) memory.
+closes first: the client gone, a malformed request, a tunnel's end), the proxy makes the
+request's line with :func:`line` and :meth:`AccessLog.record` keeps it in the block being
+filled. Every ``flush_interval`` or 256 lines the block goes to one writer thread, which joins
+and writes it with one ``write``.
 
-What it costs, measured (``bench proxy``, ``tidegate+log``, small bodies, 50 connections):
-5-15% of throughput, the spread being the benchmark's noise. Formatting in Python, line by
-line, in the writer thread cost 19%; in slices on the loop, 9%. Same-run comparisons (per
-request CPU from /proc) put the cost in the process's own work on the loop, not in the
-hand-over: writing on the loop with no thread, formatting in batches of 256, or writing to
-/dev/null cost the same within the noise; making the Entry without encoding it cost about
-half. In the process, that work runs several times slower than the same code measured alone
-(about 3 µs a line), as every request's Python runs with caches the kernel's networking has
-just emptied, so its share is roughly its share of the instructions (7%).
+The line is made in C (``ingress/_logline.c``) when that module was built, as ``pip install``
+does where a C compiler is found; else by :func:`py_line`, which encodes an :class:`Entry`
+with msgspec: the same bytes (the tests hold them to it), at several times the cost.
+
+What it costs, measured: the Python line took about 16,000 instructions per request, close to
+a tenth of everything the proxy does for a small one, and the proxy's throughput fell by about
+that share (7-12% in ``bench proxy``, small bodies, 50 connections), however the work was
+moved around: a writer thread or none, formatting in batches or line by line, a file or
+/dev/null. Only doing less helped, so the line is made in C, without intermediate objects
+(texts are read where they are, durations are integer microseconds). A block is a list of
+lines, joined once by the writer: appending each line to one growing buffer re-copied it
+at every resize (a tenth of the Python line's instructions were that ``memcpy``).
 
 A slow destination (a full pipe, a stalled disk) never blocks the loop: blocks wait in a
 bounded queue, and past ``max_pending`` blocks new records are dropped and counted
@@ -24,13 +25,10 @@ bounded queue, and past ``max_pending`` blocks new records are dropped and count
 a gap in the log.
 
 Times: a line's ``time`` is the request's arrival, RFC 3339 UTC with milliseconds. The proxy
-measures in ``time.monotonic_ns()``; :meth:`AccessLog.stamp_at` turns that into text, and the
-text of the current millisecond is kept (:attr:`AccessLog.stamp`, valid for monotonic times in
-``[stamp_from, stamp_until)``), so most requests reuse it. With 50 connections, about half the
-lines finish after a newer request moved that on (measured: 20,000 ``stamp_at`` calls for
-35,500 lines), so the texts of recent milliseconds are kept too, and the clocks' offset is
-read only for a millisecond not seen yet (a call went from 1.7 to 0.57 µs). Durations are
-milliseconds from integer nanoseconds, so they carry no float noise (``0.400125``).
+measures in ``time.monotonic_ns()``; the line adds :attr:`AccessLog.offset`, the wall clock
+minus the monotonic one, which is read again every second (:data:`CLOCK_REFRESH`), so a
+stepped wall clock shows within a second, as in nginx's cached time. Durations are integer
+microseconds: exact, and cheap to make.
 
 ``reopen()`` (SIGUSR1) makes the writer close and reopen the file before its next write, so
 logrotate can move the file away and signal; standard output is never reopened.
@@ -48,7 +46,7 @@ import time
 
 import msgspec
 
-__all__ = ["AccessLog", "Entry"]
+__all__ = ["IMPLEMENTATION", "AccessLog", "Entry", "line", "py_line"]
 
 _log = logging.getLogger(__name__)
 
@@ -58,7 +56,7 @@ class Entry(msgspec.Struct, gc=False):
     ``gc=False``: it holds no containers, so the collector need not track it for the moment
     it lives (made, encoded, freed)."""
 
-    time: str  # arrival, RFC 3339 UTC with milliseconds (AccessLog.stamp_at)
+    time: str  # arrival, RFC 3339 UTC with milliseconds
     request_id: str
     trace_id: str | None  # None: the request went to no instance
     client: str
@@ -70,20 +68,81 @@ class Entry(msgspec.Struct, gc=False):
     status: int  # 499: the client left before any answer (nothing was sent)
     bytes_in: int  # request body
     bytes_out: int  # response body from the instance
-    queue_ms: float  # arrival to an instance's slot (to the end, if none was given)
-    upstream_ms: float | None  # instance chosen to response head; None: no answer
-    total_ms: float  # arrival to the response's last byte
+    queue_us: int  # arrival to an instance's slot (to the end, if none was given)
+    upstream_us: int | None  # instance chosen to response head; None: no answer
+    total_us: int  # arrival to the response's last byte
 
 
-_STAMPS_KEPT = 4096  # milliseconds' texts kept, then dropped all at once (a miss only formats)
-_HAND_BYTES = 64 * 1024  # bytes handed to the writer at once (else at the flush interval)
+# Lines handed to the writer at once (else at the flush interval): about 64 KiB of them.
+_HAND_LINES = 256
+CLOCK_REFRESH = 1.0  # seconds between readings of the wall clock's offset
 
-_encode_into = msgspec.json.Encoder().encode_into
+_encode = msgspec.json.Encoder().encode
+_date_second = -1
+_date_text = ""
+
+
+def py_line(
+    offset: int,
+    t0: int,
+    granted: int,
+    answered: int,
+    end: int,
+    request_id: bytes | str,
+    trace_id: bytes | str | None,
+    client: bytes | str,
+    method: bytes | str | None,
+    path: bytes | str | None,
+    host: bytes | str | None,
+    service: bytes | str | None,
+    instance: bytes | str | None,
+    status: int,
+    bytes_in: int,
+    bytes_out: int,
+) -> bytes:
+    """A request's line, ending in a newline. Times are ``time.monotonic_ns()`` values (-1:
+    never), ``offset`` the wall clock minus the monotonic one; texts may be bytes (read as
+    latin-1, so any byte stays one character) or str. The C :func:`line` makes the same."""
+    global _date_second, _date_text
+    ms = (t0 + offset) // 1_000_000
+    second, millis = divmod(ms, 1000)
+    if second != _date_second:  # the lines of one second share its text
+        _date_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _date_second = second
+    entry = Entry(
+        f"{_date_text}.{millis:03d}Z",
+        _text(request_id) or "",
+        _text(trace_id),
+        _text(client) or "",
+        _text(method),
+        _text(path),
+        _text(host),
+        _text(service),
+        _text(instance),
+        status,
+        bytes_in,
+        bytes_out,
+        ((granted if granted >= 0 else end) - t0) // 1000,
+        (answered - granted) // 1000 if answered >= 0 else None,
+        (end - t0) // 1000,
+    )
+    return _encode(entry) + b"\n"
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode("latin-1") if isinstance(value, bytes) else value
+
+
+try:
+    from ingress._logline import line
+except ImportError:  # not built (no C compiler where it was installed): the same, slower
+    line = py_line
+IMPLEMENTATION = "python" if line is py_line else "c"
 
 
 class AccessLog:
-    """Collects records on the loop, formats them there in slices, and writes them from a
-    thread to ``path`` ("-": stdout)."""
+    """Keeps lines on the loop and writes them in blocks from a thread to ``path`` ("-":
+    stdout)."""
 
     def __init__(
         self,
@@ -97,23 +156,13 @@ class AccessLog:
         self.written = 0  # records handed to the writer
         self._flush_interval = flush_interval
         self._max_pending = max_pending
-        # the text of the current millisecond, for monotonic times in [from, until)
-        self.stamp = ""
-        self.stamp_from = 0
-        self.stamp_until = -1
-        self._second = -1
-        self._date = ""  # the text of _second, to which stamps add the milliseconds
-        # wall-clock minus monotonic time, read again at each new millisecond (the wall clock
-        # may step), and the texts of recent wall-clock milliseconds: with many connections,
-        # half the lines finish after a newer request set `stamp`, and formatting their time
-        # anew cost more than the rest of the line
-        self._offset = time.time_ns() - time.monotonic_ns()
-        self._stamps: dict[int, str] = {}
-        self._buf = bytearray()  # lines not handed over yet
-        self._buf_records = 0
+        # wall-clock minus monotonic time, for the lines' arrival times (refreshed each second)
+        self.offset = time.time_ns() - time.monotonic_ns()
+        self._clock_timer: asyncio.TimerHandle | None = None
+        self._lines: list[bytes] = []  # lines not handed over yet
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._queue: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[list[bytes] | None] = queue.SimpleQueue()
         # blocks handed over (on the loop) and written (by the thread): one writer each, so
         # no lock; their difference is what waits
         self._handed = 0
@@ -128,41 +177,26 @@ class AccessLog:
         self._fd = self._open()
         self._thread = threading.Thread(target=self._write_loop, name="access-log", daemon=True)
         self._thread.start()
+        self.refresh_clock()
+        if IMPLEMENTATION == "python":
+            _log.warning(
+                "access log lines are made in Python (ingress._logline was not built: no C "
+                "compiler at install time?); reinstall with one for about a tenth of the cost"
+            )
 
-    def stamp_at(self, monotonic_ns: int) -> str:
-        """The RFC 3339 text of a ``time.monotonic_ns()`` time; it becomes :attr:`stamp`
-        unless it is older than that (a long request finishing among short ones)."""
-        offset = self._offset
-        ms = (monotonic_ns + offset) // 1_000_000
-        text = self._stamps.get(ms)
-        if text is None:  # a millisecond not seen yet (the first of a new one, mostly)
-            self._offset = offset = time.time_ns() - time.monotonic_ns()
-            ms = (monotonic_ns + offset) // 1_000_000
-            text = self._format(ms)
-        if monotonic_ns >= self.stamp_until:
-            self.stamp = text
-            self.stamp_from = ms * 1_000_000 - offset
-            self.stamp_until = self.stamp_from + 1_000_000
-        return text
+    def refresh_clock(self) -> None:
+        """Read the wall clock's offset again (the wall clock may be stepped), and again in a
+        second."""
+        self.offset = time.time_ns() - time.monotonic_ns()
+        if self._loop is not None:
+            self._clock_timer = self._loop.call_later(CLOCK_REFRESH, self.refresh_clock)
 
-    def _format(self, ms: int) -> str:
-        stamps = self._stamps
-        if len(stamps) >= _STAMPS_KEPT:
-            stamps.clear()
-        second, millis = divmod(ms, 1000)
-        if second != self._second:
-            self._second = second
-            self._date = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        text = stamps[ms] = f"{self._date}.{millis:03d}Z"
-        return text
-
-    def record(self, entry: Entry) -> None:
-        """One finished request, encoded at once into the block being filled."""
-        buf = self._buf
-        _encode_into(entry, buf, -1)
-        buf.append(10)  # "\n"
-        self._buf_records += 1
-        if len(buf) >= _HAND_BYTES:
+    def record(self, line: bytes) -> None:
+        """One finished request's line (from :func:`line`); it waits in the block being
+        filled."""
+        lines = self._lines
+        lines.append(line)
+        if len(lines) >= _HAND_LINES:
             self._hand()
         elif self._timer is None and self._loop is not None:
             self._timer = self._loop.call_later(self._flush_interval, self.flush)
@@ -181,20 +215,23 @@ class AccessLog:
     async def close(self) -> None:
         """Write what is waiting, then stop the writer."""
         self.flush()
+        if self._clock_timer is not None:
+            self._clock_timer.cancel()
+            self._clock_timer = None
         thread, self._thread = self._thread, None
         if thread is not None:
             self._queue.put(None)
             await asyncio.get_running_loop().run_in_executor(None, thread.join)
-        if self._fd > 2:
+        if self._fd >= 0 and self.path != "-":  # stdout is not ours to close
             os.close(self._fd)
         self._fd = -1
 
     def _hand(self) -> None:
-        if not self._buf_records:
+        data = self._lines
+        if not data:
             return
-        data, records = self._buf, self._buf_records
-        self._buf = bytearray()
-        self._buf_records = 0
+        records = len(data)
+        self._lines = []
         if self._handed - self._done >= self._max_pending or self._thread is None:
             self.dropped += records
             return
@@ -219,7 +256,7 @@ class AccessLog:
                     self._reopen.clear()
                     old, self._fd = self._fd, self._open()
                     os.close(old)
-                view = memoryview(item)
+                view = memoryview(b"".join(item))
                 while view:  # a pipe may take part of a write
                     view = view[os.write(self._fd, view) :]
             except Exception:

@@ -29,7 +29,7 @@ import collections
 from time import monotonic_ns as _clock  # vDSO: no syscall
 from typing import TYPE_CHECKING, Any, cast
 
-from ingress.accesslog import Entry
+from ingress.accesslog import line as log_line
 from ingress.h1.forward import (
     BODY_CHUNKED,
     BODY_CLOSE,
@@ -794,31 +794,36 @@ class ClientConnection(asyncio.Protocol):
 
     def _log_access(self, log: AccessLog, now: int) -> None:
         head = self._head
-        t0 = self._t0 if head is not None else now  # no head: the time it was given up on
-        granted = self._t_grant
-        answered = self._t_head
         service = self._service
-        host = head.host if head is not None else None
-        trace = self._trace
-        # Texts are ASCII (the parser and forward.py check: visible ASCII, or hex we made),
-        # so decode() cannot fail; msgspec escapes what JSON needs.
+        method: bytes | None
+        path: bytes | None
+        host: bytes | None
+        if head is not None:
+            t0 = self._t0
+            method = head.method
+            path = head.target
+            host = head.host or None
+        else:  # no head: logged as given up on now
+            t0 = now
+            method = path = host = None
         log.record(
-            Entry(
-                log.stamp if log.stamp_from <= t0 < log.stamp_until else log.stamp_at(t0),
-                self._request_id.decode(),
-                trace.decode() if trace else None,
+            log_line(
+                log.offset,
+                t0,
+                self._t_grant,
+                self._t_head,
+                now,
+                self._request_id,
+                self._trace or None,
                 self._client,
-                head.method.decode() if head is not None else None,
-                head.target.decode() if head is not None else None,
-                host.decode() if host else None,
+                method,
+                path,
+                host,
                 service.name if service is not None else None,
                 self._instance_id,
                 self._status,
                 self._body_size,
                 self._bytes_out,
-                ((granted if granted >= 0 else now) - t0) / _NS_PER_MS,
-                (answered - granted) / _NS_PER_MS if answered >= 0 else None,
-                (now - t0) / _NS_PER_MS,
             )
         )
 

@@ -1,5 +1,6 @@
 # Sourced by tests/run.sh and examples/demo.sh: installs what tidegate needs, idempotently.
-#   - a virtual environment in .venv with tidegate and its test extras (and bench's with test)
+#   - a virtual environment in .venv with tidegate and its test extras (and bench's with test),
+#     and, when root and missing, a C compiler and Python's headers for the access log's line
 #   - when root and missing: Debian's docker.io, busybox-static, prometheus and systemd (for
 #     systemd-analyze, which checks the units in systemd/; a container image may lack it), and
 #     a running dockerd
@@ -36,16 +37,28 @@ tg_setup_venv() {
         tg_log "creating .venv"
         python3 -m venv .venv || { tg_apt_install python3-venv && python3 -m venv .venv; }
     fi
-    # reinstall only when pyproject.toml changed since the last install
+    # reinstall only when pyproject.toml or the C source changed since the last install
     local stamp=.venv/.tidegate-installed
     local want
-    want="$(sha256sum pyproject.toml | cut -d' ' -f1) $extras"
+    want="$(cat pyproject.toml ingress/_logline.c | sha256sum | cut -d' ' -f1) $extras"
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+        tg_setup_compiler
         tg_log "installing tidegate[$extras] into .venv"
         .venv/bin/python -m pip install -q --upgrade pip
         .venv/bin/python -m pip install -q -e ".[$extras]"
         echo "$want" > "$stamp"
     fi
+}
+
+tg_setup_compiler() {
+    # the access log's line is C (ingress/_logline.c): without a compiler the install still
+    # works, with the slower Python line, but the tests want the C one
+    local missing=()
+    command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
+    .venv/bin/python -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' ||
+        missing+=(python3-dev)
+    [ ${#missing[@]} -eq 0 ] || tg_apt_install "${missing[@]}"
 }
 
 tg_setup_system() {

@@ -9,16 +9,43 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from ingress.accesslog import AccessLog, Entry
+from ingress import accesslog
+from ingress.accesslog import IMPLEMENTATION, AccessLog, line, py_line
 from ingress.messages import InstanceSpec
 from tests.backends import running_backends
 from tests.conftest import raw_exchange, routing, running_ingress, url, wait_for
 
+S = 1_000_000_000  # ns
+T0 = 1000 * S  # a monotonic arrival time
+WALL = 1_764_158_400 * S  # 2025-11-26T12:00:00Z
+# (name, value) in line()'s order: the arguments of a proxied request
+ARGS = {
+    "offset": WALL + 100 * S + 125_000_000 - T0,  # arrival: 12:01:40.125
+    "t0": T0,
+    "granted": T0 + 250_000_000,
+    "answered": T0 + 262_500_000,
+    "end": T0 + 263_000_999,
+    "request_id": b"r1",
+    "trace_id": b"t1",
+    "client": "127.0.0.1",
+    "method": b"GET",
+    "path": b"/a?b=1",
+    "host": b"h.test",
+    "service": "svc",
+    "instance": "svc-1",
+    "status": 200,
+    "bytes_in": 3,
+    "bytes_out": 5,
+}
 EXPECTED = {
     "time": "2025-11-26T12:01:40.125Z",
     "request_id": "r1",
@@ -32,85 +59,168 @@ EXPECTED = {
     "status": 200,
     "bytes_in": 3,
     "bytes_out": 5,
-    "queue_ms": 250.0,
-    "upstream_ms": 12.5,
-    "total_ms": 262.5,
+    "queue_us": 250_000,
+    "upstream_us": 12_500,
+    "total_us": 263_000,
 }
+BOTH = pytest.mark.parametrize("make", [line, py_line], ids=["c", "python"])
 
 
-def entry(status: int = 200, **over: object) -> Entry:
-    return Entry(**{**EXPECTED, "status": status, **over})  # type: ignore[arg-type]
+def make_line(make: Callable[..., bytes] = line, **over: object) -> bytes:
+    return make(*{**ARGS, **over}.values())
 
 
 def lines(path: Path) -> list[dict]:  # type: ignore[type-arg]
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-async def test_an_entry_is_one_json_line_with_nulls_and_escapes(tmp_path: Path) -> None:
-    """Fields in the documented order; what is missing is null; quotes, backslashes and
-    control characters stay inside one line."""
-    path = tmp_path / "access.log"
-    log = AccessLog(str(path), flush_interval=0.01)
-    log.start()
-    try:
-        log.record(entry())
-        log.record(
-            entry(502, trace_id=None, host=None, service=None, instance=None, upstream_ms=None)
-        )
-        log.record(entry(path='/a"b\\c\x01', host="h\x7f"))
-        await wait_for(lambda: path.exists() and len(lines(path)) == 3, 5, "three lines")
-    finally:
-        await log.close()
-    first, missing, escaped = lines(path)
-    assert list(first) == list(EXPECTED) and first == EXPECTED
-    assert missing == {
+def test_the_line_is_made_in_c() -> None:
+    """The install built ingress/_logline.c (setup installs a compiler when missing): the
+    Python line is the fallback, at several times the cost."""
+    assert IMPLEMENTATION == "c"
+    assert line is not py_line
+
+
+@BOTH
+def test_a_line_is_one_json_object_with_nulls_and_escapes(make: Callable[..., bytes]) -> None:
+    """Fields in the documented order, durations in whole microseconds; what is missing is
+    null; quotes, backslashes and control characters stay inside one line, and a stray
+    non-ASCII byte is read as latin-1, so the line stays UTF-8."""
+    first = make_line(make)
+    assert first.endswith(b"}\n") and first.count(b"\n") == 1
+    parsed = json.loads(first)
+    assert list(parsed) == list(EXPECTED) and parsed == EXPECTED
+    missing = make_line(
+        make,
+        granted=-1,
+        answered=-1,
+        trace_id=None,
+        method=None,
+        path=None,
+        host=None,
+        service=None,
+        instance=None,
+        status=499,
+    )
+    assert json.loads(missing) == {
         **EXPECTED,
-        "status": 502,
+        "status": 499,
         "trace_id": None,
+        "method": None,
+        "path": None,
         "host": None,
         "service": None,
         "instance": None,
-        "upstream_ms": None,
+        "queue_us": 263_000,  # waited until the end
+        "upstream_us": None,
     }
-    assert (escaped["path"], escaped["host"]) == ('/a"b\\c\x01', "h\x7f")
+    escaped = make_line(make, path=b'/a"b\\c\x01\n', host=b"h\x7f\xe9", client="\u00e9\x1f")
+    assert escaped.count(b"\n") == 1
+    parsed = json.loads(escaped.decode("utf-8"))
+    assert (parsed["path"], parsed["host"], parsed["client"]) == (
+        '/a"b\\c\x01\n',
+        "h\x7f\u00e9",
+        "\u00e9\x1f",
+    )
 
 
-def test_stamps_are_arrival_times_kept_per_millisecond(monkeypatch: pytest.MonkeyPatch) -> None:
-    """stamp_at turns monotonic nanoseconds into wall-clock text and keeps the newest
-    millisecond's text with its bounds; an older time gets its own text without displacing
-    it."""
-    s = 1_000_000_000  # ns
-    monkeypatch.setattr(time, "time_ns", lambda: 1_764_158_400 * s + s // 2)  # 12:00:00.5Z
-    monkeypatch.setattr(time, "monotonic_ns", lambda: 1000 * s + s // 2)
-    log = AccessLog("-")
-    t = 1000 * s + 123_456_789  # 12:00:00.123456789
-    assert log.stamp_at(t) == "2025-11-26T12:00:00.123Z"
-    assert log.stamp == "2025-11-26T12:00:00.123Z"
-    assert (log.stamp_from, log.stamp_until) == (1000 * s + 123_000_000, 1000 * s + 124_000_000)
-    assert log.stamp_at(999 * s + 999_999_999) == "2025-11-26T11:59:59.999Z"  # older: not kept
-    assert log.stamp == "2025-11-26T12:00:00.123Z"
-    assert log.stamp_at(1001 * s) == "2025-11-26T12:00:01.000Z"
-    assert log.stamp == "2025-11-26T12:00:01.000Z"
+@BOTH
+def test_times_are_arrival_times_on_the_wall_clock(make: Callable[..., bytes]) -> None:
+    """The monotonic arrival plus the offset, as RFC 3339 UTC with milliseconds; a second's
+    text is kept, and a line from an earlier second (a long request ending among short ones)
+    still gets its own."""
+    offset = WALL - T0  # T0 is 12:00:00.000
+
+    def stamp(t0: int) -> str:
+        text: str = json.loads(make_line(make, offset=offset, t0=t0, end=t0))["time"]
+        return text
+
+    assert stamp(T0 + 123_456_789) == "2025-11-26T12:00:00.123Z"
+    assert stamp(T0 + 999_999_999) == "2025-11-26T12:00:00.999Z"
+    assert stamp(T0 + S) == "2025-11-26T12:00:01.000Z"
+    assert stamp(T0 - 1) == "2025-11-26T11:59:59.999Z"
+    assert stamp(T0 + 86_400 * S + 7_000_000) == "2025-11-27T12:00:00.007Z"
+    assert stamp(T0 + S + 1) == "2025-11-26T12:00:01.000Z"
 
 
-def test_a_stepped_wall_clock_shows_from_the_next_new_millisecond(
+_TEXT = st.one_of(st.none(), st.binary(max_size=40), st.text(max_size=20))
+_TIME = st.integers(min_value=0, max_value=2**50)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    offset=st.integers(min_value=0, max_value=2**61),
+    t0=_TIME,
+    granted=st.one_of(st.just(-1), _TIME),
+    answered=st.one_of(st.just(-1), _TIME),
+    end=_TIME,
+    request_id=st.one_of(st.binary(max_size=40), st.text(max_size=20)),
+    client=st.one_of(st.binary(max_size=40), st.text(max_size=20)),
+    texts=st.tuples(*[_TEXT] * 6),
+    counts=st.tuples(*[st.integers(min_value=0, max_value=2**62)] * 3),
+)
+def test_the_c_line_and_the_python_line_are_the_same_bytes(
+    offset: int,
+    t0: int,
+    granted: int,
+    answered: int,
+    end: int,
+    request_id: bytes | str,
+    client: bytes | str,
+    texts: tuple[bytes | str | None, ...],
+    counts: tuple[int, int, int],
+) -> None:
+    """Any texts (bytes or str, escapes, non-ASCII), any times (nonsense orders too: then
+    durations are negative alike): the fallback is no different from what runs."""
+    trace_id, method, path, host, service, instance = texts
+    args: list[Any] = [offset, t0, granted, answered, end, request_id, trace_id, client]
+    args += [method, path, host, service, instance, *counts]
+    made = line(*args)
+    assert made == py_line(*args)
+    assert json.loads(made)["total_us"] == (end - t0) // 1000
+
+
+def test_the_c_line_rejects_what_is_not_a_line() -> None:
+    """Wrong types are a TypeError naming the argument, not a crash or a wrong line."""
+    with pytest.raises(TypeError, match="request_id must be bytes or str, not NoneType"):
+        make_line(request_id=None)
+    with pytest.raises(TypeError, match="instance must be bytes or str or None, not int"):
+        make_line(instance=5)
+    with pytest.raises(TypeError, match="takes 16 arguments"):
+        line(*[1, 2, 3])  # type: ignore[arg-type]
+    with pytest.raises(OverflowError):
+        make_line(t0=2**64)
+
+
+async def test_the_python_line_is_said_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An install without the C module still logs, and says so once, at start."""
+    for implementation, warned in (("c", False), ("python", True)):
+        monkeypatch.setattr(accesslog, "IMPLEMENTATION", implementation)
+        caplog.clear()
+        log = AccessLog(str(tmp_path / "access.log"))
+        log.start()
+        await log.close()
+        assert ("made in Python" in caplog.text) is warned, (implementation, caplog.text)
+
+
+async def test_a_stepped_wall_clock_shows_within_a_refresh(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Texts are kept per wall-clock millisecond and the clocks' offset is read again only
-    for a millisecond not seen yet: a step of the wall clock shows from the next one, and a
-    millisecond's text never changes. However many are kept, each time still gets its own."""
-    s = 1_000_000_000  # ns
-    wall = [1_764_158_400 * s]  # 2025-11-26T12:00:00Z
-    monkeypatch.setattr(time, "time_ns", lambda: wall[0])
-    monkeypatch.setattr(time, "monotonic_ns", lambda: 1000 * s)
+    """The offset is read again every CLOCK_REFRESH: a step of the wall clock (NTP, say)
+    shows in the next lines without a restart; closing stops the refresh."""
+    monkeypatch.setattr(accesslog, "CLOCK_REFRESH", 0.01)
+    real = time.time_ns
     log = AccessLog("-")
-    assert log.stamp_at(1000 * s) == "2025-11-26T12:00:00.000Z"
-    wall[0] += 3600 * s  # NTP steps the wall clock an hour ahead
-    assert log.stamp_at(1000 * s + 999_999) == "2025-11-26T12:00:00.000Z"
-    assert log.stamp_at(1000 * s + 1_000_000) == "2025-11-26T13:00:00.001Z"
-    for ms in range(2, 10_000):
-        expected = f"2025-11-26T13:00:{ms // 1000:02d}.{ms % 1000:03d}Z"
-        assert log.stamp_at(1000 * s + ms * 1_000_000) == expected
+    log.start()
+    try:
+        before = log.offset
+        monkeypatch.setattr(time, "time_ns", lambda: real() + 3600 * S)
+        await wait_for(lambda: log.offset - before > 3599 * S, 5, "the stepped offset")
+    finally:
+        await log.close()
+    assert log._clock_timer is None
 
 
 async def test_records_are_written_in_batches_and_reopened_for_logrotate(tmp_path: Path) -> None:
@@ -118,14 +228,14 @@ async def test_records_are_written_in_batches_and_reopened_for_logrotate(tmp_pat
     log = AccessLog(str(path), flush_interval=0.01)
     log.start()
     try:
-        log.record(entry())
-        log.record(entry(404))
+        log.record(make_line())
+        log.record(make_line(status=404))
         await wait_for(lambda: path.exists() and len(lines(path)) == 2, 5, "two lines")
         assert [line["status"] for line in lines(path)] == [200, 404]
         rotated = tmp_path / "access.log.1"
         path.rename(rotated)  # what logrotate does, before it signals
         log.reopen()
-        log.record(entry(503))
+        log.record(make_line(status=503))
         await wait_for(lambda: path.exists() and len(lines(path)) == 1, 5, "the reopened file")
         assert [line["status"] for line in lines(rotated)] == [200, 404]
         assert lines(path)[0]["status"] == 503
@@ -144,7 +254,7 @@ async def test_a_stalled_destination_drops_records_instead_of_blocking(tmp_path:
     log = AccessLog(str(fifo), flush_interval=10.0, max_pending=2)
     log.start()
     try:
-        big = entry(path="/" + "x" * 70_000)  # one record is more than the pipe holds
+        big = make_line(path=b"/" + b"x" * 70_000)  # one record is more than the pipe holds
         for _ in range(10):
             log.record(big)
             log.flush()  # each one handed over at once
@@ -208,15 +318,12 @@ async def test_every_request_is_logged_with_its_timings(tmp_path: Path) -> None:
         "GET",
         "/echo",
     )
-    assert held["queue_ms"] > 0
-    assert held["total_ms"] >= held["queue_ms"] + held["upstream_ms"] - 0.01
-    # integer nanoseconds underneath: no float noise past the sixth decimal
-    for key in ("queue_ms", "upstream_ms", "total_ms"):
-        assert len(repr(held[key]).partition(".")[2]) <= 6, held
+    assert held["queue_us"] > 0
+    assert held["total_us"] >= held["queue_us"] + held["upstream_us"]
     match = re.fullmatch(r"queue;dur=([\d.]+), upstream;dur=([\d.]+)", timing)
     assert match is not None, timing
     assert float(match.group(1)) > 0
-    assert records[3]["service"] is None and records[3]["upstream_ms"] is None
+    assert records[3]["service"] is None and records[3]["upstream_us"] is None
 
 
 def test_the_access_log_is_on_by_default_and_off_with_a_flag() -> None:
@@ -271,9 +378,9 @@ async def test_requests_that_end_without_a_whole_response_are_logged_too(tmp_pat
     assert [r["status"] for r in records] == [499, 400, 101]
     gone, rejected, tunnel = records
     assert (gone["method"], gone["path"], gone["service"]) == ("GET", "/waiting", "svc")
-    assert (gone["instance"], gone["upstream_ms"]) == (None, None)
-    assert gone["queue_ms"] > 0 and gone["total_ms"] >= gone["queue_ms"]
+    assert (gone["instance"], gone["upstream_us"]) == (None, None)
+    assert gone["queue_us"] > 0 and gone["total_us"] >= gone["queue_us"]
     assert rejected["request_id"] == rejected_id.group(1).decode()
     assert (rejected["method"], rejected["path"], rejected["service"]) == (None, None, None)
     assert (tunnel["path"], tunnel["instance"]) == ("/ws", "svc-a")
-    assert tunnel["upstream_ms"] is not None
+    assert tunnel["upstream_us"] is not None

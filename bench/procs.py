@@ -108,6 +108,44 @@ def plan_cpus(allowed: set[int], pin: bool = True) -> CpuPlan:
     return CpuPlan(cpus[0], cpus[1])
 
 
+# --- CPU time ------------------------------------------------------------------------------
+
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def stat_cpu_ticks(stat: str) -> int:
+    """User plus system time, in clock ticks, from the text of /proc/PID/stat (fields 14 and
+    15; the name in field 2 may hold spaces and parentheses, so count from its last ")")."""
+    fields = stat.rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found += [int(c) for c in f.read().split()]
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user and system, every thread) used so far by a process and its living
+    descendants: nginx's and HAProxy's workers count for their proxy. A process gone in the
+    meantime counts nothing, so read it around a run of something that stays."""
+    ticks = 0
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            with open(f"/proc/{current}/stat") as f:
+                ticks += stat_cpu_ticks(f.read())
+        except OSError:
+            continue
+        todo += _children(current)
+    return ticks / _TICKS_PER_S
+
+
 # --- processes -----------------------------------------------------------------------------
 
 

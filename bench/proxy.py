@@ -8,7 +8,9 @@ within each cell of the matrix rather than each running its whole matrix in a bl
 Matrix: body (small, 64k) x connections (50, 1) x target (direct, tidegate, tidegate+log,
 nginx, haproxy), each run preceded by a warm-up that is thrown away, the whole repeated
 `--rounds` times and summarized by the median of each figure. tidegate+log is the same
-ingress with its access log written to a file, so the log's cost is read off one run.
+ingress with its access log written to a file, so the log's cost is read off one run: paired
+round by round (`log_cost`), and as CPU per request, the processes' CPU time over the run
+divided by its requests, which the machine's noise moves much less than requests/s.
 
 The pure parts (`summarize`, `check_gates`) take measurements and return values, so the unit
 tests exercise them with made-up figures; `main` is the shell that starts processes and wrk.
@@ -35,10 +37,12 @@ __all__ = [
     "GATE_CELL",
     "TARGETS",
     "Cell",
+    "LogCost",
     "Measurement",
     "Row",
     "add_arguments",
     "check_gates",
+    "log_cost",
     "main",
     "summarize",
 ]
@@ -79,6 +83,13 @@ class Measurement:
     round: int
     result: WrkResult
     command: tuple[str, ...]
+    cpu_s: float | None = None  # CPU the target used during the run (None: not measured)
+
+    @property
+    def cpu_us_per_request(self) -> float | None:
+        if self.cpu_s is None or not self.result.requests:
+            return None
+        return self.cpu_s / self.result.requests * 1e6
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +113,9 @@ class Row:
     socket_errors: int
     non_2xx: int
     flagged: bool
+    # CPU the target's processes used per request (µs, median): steadier than req/s on a
+    # noisy machine, and it says what a change costs even where throughput hides it
+    cpu_us: float | None = None
 
 
 def _ratio(num: float, den: float | None) -> float | None:
@@ -111,8 +125,10 @@ def _ratio(num: float, den: float | None) -> float | None:
 def summarize(measurements: Iterable[Measurement]) -> list[Row]:
     """Median per (target, cell) over rounds, then ratios to direct and to nginx in that cell."""
     grouped: dict[tuple[Cell, str], list[WrkResult]] = {}
+    cpu: dict[tuple[Cell, str], list[float | None]] = {}
     for m in measurements:
         grouped.setdefault((m.cell, m.target), []).append(m.result)
+        cpu.setdefault((m.cell, m.target), []).append(m.cpu_us_per_request)
     medians = {
         key: (
             statistics.median(r.requests_per_sec for r in results),
@@ -143,9 +159,64 @@ def summarize(measurements: Iterable[Measurement]) -> list[Row]:
                     socket_errors=sum(r.socket_errors for r in results),
                     non_2xx=sum(r.non_2xx for r in results),
                     flagged=any(r.flagged for r in results),
+                    cpu_us=_median_or_none(cpu[(cell, target)]),
                 )
             )
     return rows
+
+
+def _median_or_none(values: Sequence[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known and len(known) == len(values) else None
+
+
+@dataclass(frozen=True, slots=True)
+class LogCost:
+    """What the access log costs in one cell: tidegate+log against tidegate."""
+
+    cell: Cell
+    rps_change: float  # median over rounds of (with log / without) - 1, each round's pair
+    cpu_us: float | None  # CPU per request without the log (median)
+    cpu_us_log: float | None  # and with it
+    rounds: int
+
+    @property
+    def cpu_change(self) -> float | None:
+        if self.cpu_us is None or self.cpu_us_log is None or not self.cpu_us:
+            return None
+        return self.cpu_us_log / self.cpu_us - 1
+
+
+def log_cost(measurements: Iterable[Measurement]) -> list[LogCost]:
+    """The access log's cost per cell, from the rounds where both tidegates ran.
+
+    Each round's pair ran back to back, so their ratio is less exposed to the machine's drift
+    than the ratio of two medians taken over the whole run; the median of those per-round
+    changes is what is reported, next to CPU per request, which noise moves much less.
+    """
+    by_key = {(m.cell, m.round, m.target): m for m in measurements}
+    costs = []
+    for cell in CELLS:
+        pairs = [
+            (by_key[(c, rnd, "tidegate")], m)
+            for (c, rnd, target), m in by_key.items()
+            if c == cell and target == "tidegate+log" and (c, rnd, "tidegate") in by_key
+        ]
+        pairs = [(a, b) for a, b in pairs if a.result.requests_per_sec > 0]
+        if not pairs:
+            continue
+        costs.append(
+            LogCost(
+                cell=cell,
+                rps_change=statistics.median(
+                    b.result.requests_per_sec / a.result.requests_per_sec - 1 for a, b in pairs
+                ),
+                cpu_us=_median_or_none([a.cpu_us_per_request for a, _ in pairs]),
+                cpu_us_log=_median_or_none([b.cpu_us_per_request for _, b in pairs]),
+                rounds=len(pairs),
+            )
+        )
+    return costs
 
 
 def check_gates(
@@ -223,8 +294,9 @@ def _run_one(
     plan: procs.CpuPlan,
     duration_s: int,
     warmup_s: int,
-) -> tuple[WrkResult, list[str]]:
-    """Warm up, then measure one target in one cell; returns the figures and the wrk argv."""
+) -> tuple[WrkResult, list[str], float]:
+    """Warm up, then measure one target in one cell; returns the figures, the wrk argv and
+    the CPU seconds the target used meanwhile."""
     # A dead server would show up as a wall of wrk connect errors; say who died instead.
     for proc in (backend.proc, endpoint.proc):
         if proc.exited():
@@ -244,7 +316,9 @@ def _run_one(
         if warmup_s > 0:
             run_wrk(argv(warmup_s), warmup_s)
         command = argv(duration_s)
-        return run_wrk(command, duration_s), command
+        before = procs.cpu_seconds(endpoint.proc.popen.pid)
+        result = run_wrk(command, duration_s)
+        return result, command, procs.cpu_seconds(endpoint.proc.popen.pid) - before
     except WrkError as exc:
         raise WrkError(f"{target} {cell}: {exc}") from exc
 
@@ -264,7 +338,7 @@ def _measure(
     for rnd in range(1, rounds + 1):
         for cell in CELLS:
             for target in targets:
-                result, command = _run_one(
+                result, command, cpu_s = _run_one(
                     target,
                     started[target],
                     started["backend"],
@@ -274,7 +348,7 @@ def _measure(
                     duration_s,
                     warmup_s,
                 )
-                measurements.append(Measurement(target, cell, rnd, result, tuple(command)))
+                measurements.append(Measurement(target, cell, rnd, result, tuple(command), cpu_s))
                 flag = "  ERRORS" if result.flagged else ""
                 print(
                     f"[{len(measurements)}/{total}] round {rnd} {cell} {target}: "
@@ -386,8 +460,11 @@ def main(args: argparse.Namespace) -> int:
         runs=measurements,
         gates={"min_ratio_nginx": args.min_ratio_nginx, "max_p99_ratio": args.max_p99_ratio},
         missed=missed,
+        log_costs=log_cost(measurements),
     )
     print(report.format_table(rows, plan.describe()))
+    if result.log_costs:
+        print("\n" + "\n".join(report.log_cost_lines(result.log_costs)))
     json_path, md_path = report.write(result, args.out)
     print(f"\nwrote {json_path}\n      {md_path}")
     for message in missed:

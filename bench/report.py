@@ -20,9 +20,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from bench.proxy import Measurement, Row
+    from bench.proxy import LogCost, Measurement, Row
 
-__all__ = ["ProxyReport", "format_markdown", "format_table", "machine_info", "write"]
+__all__ = [
+    "ProxyReport",
+    "format_markdown",
+    "format_table",
+    "log_cost_lines",
+    "machine_info",
+    "write",
+]
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 _COLUMNS = (
@@ -35,6 +42,7 @@ _COLUMNS = (
     "x direct",
     "x nginx",
     "p99/nginx",
+    "CPU us/req",
     "errors",
 )
 
@@ -53,6 +61,7 @@ class ProxyReport:
     runs: Sequence[Measurement]
     gates: dict[str, float | None]
     missed: list[str] = field(default_factory=list)
+    log_costs: Sequence[LogCost] = ()
 
     def stamp(self) -> str:
         """UTC timestamp used in the file names, e.g. 20250101T120000Z."""
@@ -75,11 +84,24 @@ class ProxyReport:
                     "connections": m.cell.connections,
                     "round": m.round,
                     "command": _shell(m.command),
+                    "cpu_s": m.cpu_s,
                     **asdict(m.result),
                 }
                 for m in self.runs
             ],
             "gates": {**self.gates, "missed": self.missed},
+            "access_log_cost": [
+                {
+                    "body": c.cell.body,
+                    "connections": c.cell.connections,
+                    "rps_change": c.rps_change,
+                    "cpu_us": c.cpu_us,
+                    "cpu_us_log": c.cpu_us_log,
+                    "cpu_change": c.cpu_change,
+                    "rounds": c.rounds,
+                }
+                for c in self.log_costs
+            ],
         }
 
 
@@ -172,6 +194,7 @@ def _cells(row: Row) -> list[str]:
         _fmt_ratio(row.rps_vs_direct),
         _fmt_ratio(row.rps_vs_nginx),
         _fmt_ratio(row.p99_vs_nginx),
+        "-" if row.cpu_us is None else f"{row.cpu_us:.1f}",
         errors,
     ]
 
@@ -180,7 +203,7 @@ def format_table(rows: Sequence[Row], pinning: str) -> str:
     """Fixed-width text table, numbers right-aligned, a blank line between cells."""
     body = [_cells(r) for r in rows]
     widths = [max(len(c) for c in col) for col in zip(_COLUMNS, *body, strict=False)]
-    numeric = range(2, 9)
+    numeric = range(2, 10)
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(
@@ -200,6 +223,17 @@ def format_table(rows: Sequence[Row], pinning: str) -> str:
     return "\n".join(out)
 
 
+def log_cost_lines(costs: Sequence[LogCost]) -> list[str]:
+    """One line per cell: what tidegate+log costs against tidegate."""
+    out = ["access log cost (tidegate+log against tidegate, median of each round's pair):"]
+    for c in costs:
+        line = f"  {c.cell}: req/s {c.rps_change:+.1%}"
+        if c.cpu_us is not None and c.cpu_us_log is not None and c.cpu_change is not None:
+            line += f", CPU {c.cpu_us:.1f} -> {c.cpu_us_log:.1f} us/req ({c.cpu_change:+.1%})"
+        out.append(f"{line} over {c.rounds} round(s)")
+    return out
+
+
 def format_markdown(rep: ProxyReport) -> str:
     """The report as a Markdown page: context, the table, gates, exact commands."""
     m = rep.machine
@@ -217,6 +251,15 @@ def format_markdown(rep: ProxyReport) -> str:
         "|" + "|".join("---" if i < 2 else "--:" for i in range(len(_COLUMNS))) + "|",
     ]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in rep.rows]
+    if rep.log_costs:
+        lines += ["", "## Access log cost", ""]
+        lines += [f"- {line.strip()}" for line in log_cost_lines(rep.log_costs)[1:]]
+        lines += [
+            "",
+            "Each round's tidegate and tidegate+log runs are paired (they ran back to back); "
+            "the change is the median over rounds. CPU per request is the target's processes' "
+            "user and system time over its requests.",
+        ]
     lines += ["", "## SLO gates", ""]
     set_gates = {k: g for k, g in rep.gates.items() if g is not None}
     if not set_gates:

@@ -6,14 +6,23 @@ HAProxy and small Python servers written to provoke each error kind.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
 import pytest
 
-from bench import configs
-from bench.procs import CpuPlan, Workspace, plan_cpus
-from bench.proxy import GATE_CELL, Cell, Measurement, Row, check_gates, summarize
+from bench import configs, report
+from bench.procs import CpuPlan, Workspace, cpu_seconds, plan_cpus, stat_cpu_ticks
+from bench.proxy import (
+    GATE_CELL,
+    Cell,
+    Measurement,
+    Row,
+    check_gates,
+    log_cost,
+    summarize,
+)
 from bench.wrk import WrkError, WrkResult, parse_wrk_output, wrk_command
 
 # --- wrk reports captured from real runs ---------------------------------------------------
@@ -360,3 +369,64 @@ def _gone(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+# --- CPU per request and the access log's cost ----------------------------------------------
+
+
+def _run(target: str, rps: float, cpu_s: float | None, rnd: int, cell: Cell = GATE_CELL):
+    result = WrkResult(rps, 1.0, 2.0, int(rps * 10), 10.0)
+    return Measurement(target, cell, rnd, result, ("wrk",), cpu_s)
+
+
+def test_log_cost_pairs_each_rounds_runs() -> None:
+    """The change is the median of per-round pairs, not the ratio of two medians: a round
+    where the whole machine slowed down moves both runs of its pair. CPU per request is the
+    target's CPU over its requests."""
+    runs = [
+        # round 1 fast, round 2 slow (for both), round 3 in between; the log costs 4%, 2%, 10%
+        _run("tidegate", 1000, 1.0, 1),
+        _run("tidegate+log", 960, 1.0, 1),
+        _run("tidegate", 500, 1.0, 2),
+        _run("tidegate+log", 490, 1.02, 2),
+        _run("tidegate", 800, 1.0, 3),
+        _run("tidegate+log", 720, 0.9, 3),
+        _run("nginx", 3000, 1.0, 1),
+        _run("tidegate", 100, None, 1, cell=Cell("64k", 1)),  # no pair: no cost for it
+    ]
+    (cost,) = log_cost(runs)
+    assert cost.cell == GATE_CELL and cost.rounds == 3
+    assert cost.rps_change == pytest.approx(-0.04)  # the median of -4%, -2%, -10%
+    # CPU us/request: 100, 200, 125 without; 104.17, 208.16, 125 with
+    assert cost.cpu_us == pytest.approx(125.0)
+    assert cost.cpu_us_log == pytest.approx(125.0)
+    assert cost.cpu_change == pytest.approx(0.0)
+    rows = {r.target: r for r in summarize(runs) if r.connections == 50}
+    assert rows["nginx"].cpu_us == pytest.approx(1.0 / 30_000 * 1e6)
+    text = "\n".join(report.log_cost_lines([cost]))
+    assert "small/50: req/s -4.0%, CPU 125.0 -> 125.0 us/req (+0.0%) over 3 round(s)" in text
+
+
+def test_cpu_per_request_is_unknown_when_a_round_was_not_measured() -> None:
+    rows = summarize([_run("tidegate", 1000, 1.0, 1), _run("tidegate", 1000, None, 2)])
+    assert rows[0].cpu_us is None
+
+
+def test_stat_cpu_ticks_reads_past_a_name_with_spaces_and_parentheses() -> None:
+    stat = "42 (a) b (c)) S 1 42 42 0 -1 4194304 100 0 0 0 17 5 0 0 20 0 1 0 100 0 0"
+    assert stat_cpu_ticks(stat) == 22  # utime 17 + stime 5
+
+
+def test_cpu_seconds_counts_a_process_and_its_children() -> None:
+    """A proxy's workers are its children: a busy child's CPU shows in its parent's total."""
+    with Workspace() as ws:
+        busy = "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done; echo done > busy.done; sleep 30"
+        proc = ws.spawn("parent", ["sh", "-c", f"sh -c '{busy}' & wait"])
+        deadline = time.monotonic() + 60
+        while not ws.path("busy.done").exists():
+            assert time.monotonic() < deadline, "the busy child never finished its loop"
+            time.sleep(0.01)
+        total = cpu_seconds(proc.popen.pid)
+        with open(f"/proc/{proc.popen.pid}/stat") as f:
+            own = stat_cpu_ticks(f.read()) / os.sysconf("SC_CLK_TCK")
+        assert total >= 0.05 and total > own

@@ -60,8 +60,8 @@ _PAUSE_UPGRADE = 8  # an upgrade request waits for the instance's answer
 # Timings (queue wait, upstream time, durations) are integer nanoseconds of
 # time.monotonic_ns, not the loop's clock: uvloop's loop.time() is libuv's millisecond tick,
 # cached per iteration, too coarse for a proxy that adds well under a millisecond. Integers
-# keep differences exact, so the access log's milliseconds read 0.400125, not
-# 0.40012499999999995. Deadlines stay on the loop's clock.
+# keep differences exact (the access log's microseconds are integer arithmetic in its line;
+# Server-Timing's milliseconds are divided once). Deadlines stay on the loop's clock.
 _NS_PER_MS = 1e6  # divided by, not multiplied with 1e-6: division rounds the result once
 _S_PER_NS = 1e-9
 # nginx's status for a request whose client left before any answer; only ever logged

@@ -248,10 +248,16 @@ def test_wrk_command() -> None:
 
 
 def _m(
-    target: str, rps: float, p99: float, rnd: int = 1, cell: Cell = GATE_CELL, read_errors: int = 0
+    target: str,
+    rps: float,
+    p99: float,
+    rnd: int = 1,
+    cell: Cell = GATE_CELL,
+    read_errors: int = 0,
+    cpu_s: float | None = None,
 ) -> Measurement:
     result = WrkResult(rps, p99 / 2, p99, int(rps), 1.0, read_errors=read_errors)
-    return Measurement(target, cell, rnd, result, ("wrk",))
+    return Measurement(target, cell, rnd, result, ("wrk",), cpu_s)
 
 
 def test_summarize_takes_medians_and_ratios_per_cell() -> None:
@@ -374,41 +380,36 @@ def _gone(pid: int) -> bool:
 # --- CPU per request and the access log's cost ----------------------------------------------
 
 
-def _run(target: str, rps: float, cpu_s: float | None, rnd: int, cell: Cell = GATE_CELL):
-    result = WrkResult(rps, 1.0, 2.0, int(rps * 10), 10.0)
-    return Measurement(target, cell, rnd, result, ("wrk",), cpu_s)
-
-
 def test_log_cost_pairs_each_rounds_runs() -> None:
     """The change is the median of per-round pairs, not the ratio of two medians: a round
     where the whole machine slowed down moves both runs of its pair. CPU per request is the
     target's CPU over its requests."""
     runs = [
         # round 1 fast, round 2 slow (for both), round 3 in between; the log costs 4%, 2%, 10%
-        _run("tidegate", 1000, 1.0, 1),
-        _run("tidegate+log", 960, 1.0, 1),
-        _run("tidegate", 500, 1.0, 2),
-        _run("tidegate+log", 490, 1.02, 2),
-        _run("tidegate", 800, 1.0, 3),
-        _run("tidegate+log", 720, 0.9, 3),
-        _run("nginx", 3000, 1.0, 1),
-        _run("tidegate", 100, None, 1, cell=Cell("64k", 1)),  # no pair: no cost for it
+        _m("tidegate", 1000, 2.0, 1, cpu_s=1.0),
+        _m("tidegate+log", 960, 2.0, 1, cpu_s=1.0),
+        _m("tidegate", 500, 2.0, 2, cpu_s=1.0),
+        _m("tidegate+log", 490, 2.0, 2, cpu_s=1.02),
+        _m("tidegate", 800, 2.0, 3, cpu_s=1.0),
+        _m("tidegate+log", 720, 2.0, 3, cpu_s=0.9),
+        _m("nginx", 3000, 2.0, 1, cpu_s=1.0),
+        _m("tidegate", 100, 2.0, 1, cell=Cell("64k", 1)),  # no pair: no cost for it
     ]
     (cost,) = log_cost(runs)
     assert cost.cell == GATE_CELL and cost.rounds == 3
     assert cost.rps_change == pytest.approx(-0.04)  # the median of -4%, -2%, -10%
-    # CPU us/request: 100, 200, 125 without; 104.17, 208.16, 125 with
-    assert cost.cpu_us == pytest.approx(125.0)
-    assert cost.cpu_us_log == pytest.approx(125.0)
+    # CPU us/request (1 s runs): 1000, 2000, 1250 without; 1041.7, 2081.6, 1250 with
+    assert cost.cpu_us == pytest.approx(1250.0)
+    assert cost.cpu_us_log == pytest.approx(1250.0)
     assert cost.cpu_change == pytest.approx(0.0)
     rows = {r.target: r for r in summarize(runs) if r.connections == 50}
-    assert rows["nginx"].cpu_us == pytest.approx(1.0 / 30_000 * 1e6)
+    assert rows["nginx"].cpu_us == pytest.approx(1.0 / 3000 * 1e6)
     text = "\n".join(report.log_cost_lines([cost]))
-    assert "small/50: req/s -4.0%, CPU 125.0 -> 125.0 us/req (+0.0%) over 3 round(s)" in text
+    assert "small/50: req/s -4.0%, CPU 1250.0 -> 1250.0 us/req (+0.0%) over 3 round(s)" in text
 
 
 def test_cpu_per_request_is_unknown_when_a_round_was_not_measured() -> None:
-    rows = summarize([_run("tidegate", 1000, 1.0, 1), _run("tidegate", 1000, None, 2)])
+    rows = summarize([_m("tidegate", 1000, 2.0, 1, cpu_s=1.0), _m("tidegate", 1000, 2.0, 2)])
     assert rows[0].cpu_us is None
 
 
